@@ -1,0 +1,1 @@
+"""Sweep and ablation harness for LLM post-training objectives (GRPO vs CFPO)."""

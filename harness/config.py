@@ -1,0 +1,228 @@
+"""Typed, validated configuration of one training job.
+
+A job config is a YAML file plus `key=value` overrides (dotted keys reach nested sections). Harness fields
+are validated here; TRL's knobs keep `GRPOConfig`'s names and live in the `trl:` section, validated against
+GRPOConfig itself. Every error is a `ConfigError` whose message names the field and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config value; the CLI prints it on one line and exits with code 2."""
+
+
+# GRPOConfig knobs the harness sets itself: derived from harness fields, so a user may not set them directly.
+MANAGED_TRL_KNOBS = {
+    "steps_per_generation": "set batch_ratio (and generation_batch_size) instead",
+    "gradient_accumulation_steps": "set batch_ratio (and generation_batch_size) instead",
+    "num_iterations": "set iterations instead",
+    "max_steps": "set rollout_batches instead",
+    "num_train_epochs": "set rollout_batches instead",
+    "seed": "set seed instead",
+    "output_dir": "set output_dir instead",
+    "report_to": "the harness logs to MLflow itself",
+    "run_name": "the harness names runs itself",
+    "logging_steps": "the harness logs every optimizer step",
+}
+
+
+class ProxyModel(BaseModel):
+    """Size of the tiny Llama-style model built for the offline proxy (cached on disk, keyed by these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(128, ge=8, description="width of the residual stream")
+    intermediate_size: int = Field(512, ge=8, description="width of the MLP")
+    num_hidden_layers: int = Field(4, ge=1, description="number of transformer blocks")
+    num_attention_heads: int = Field(4, ge=1, description="attention heads (num_key_value_heads = heads/2)")
+    warmstart_steps: int = Field(300, ge=0, description="supervised warm-start steps on the task's train split")
+    warmstart_lr: float = Field(1e-3, gt=0, description="learning rate of the supervised warm start")
+    warmstart_batch_size: int = Field(64, ge=1, description="sequences per warm-start step")
+    init_seed: int = Field(0, description="seed of the random init and the warm start (not the job seed)")
+
+
+class JobConfig(BaseModel):
+    """One training job: a model, a task, an objective and a point on the (batch_ratio x iterations) grid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str = Field("grpo", description="policy objective, a name in harness.objectives.OBJECTIVES")
+    model: str = Field("proxy", description="'proxy' (tiny model built offline) or a Hub name / local path")
+    task: str = Field("chain-sum", description="task name in harness.tasks.TASKS")
+    seed: int = Field(0, description="job seed: sampling, data order; a replicate index in sweeps")
+    batch_ratio: int = Field(1, ge=1, description="optimizer steps per pass over a rollout batch "
+                             "(= generation_batch_size / optimizer batch)")
+    iterations: int = Field(1, ge=1, description="passes over each rollout batch (TRL num_iterations, mu)")
+    rollout_batches: int = Field(100, ge=1, description="training budget: rollout batches generated per job")
+    generation_batch_size: int = Field(64, ge=1, description="completions per rollout batch (prompts x num_generations)")
+    eval_every: int = Field(10, ge=1, description="rollout batches between greedy validation evaluations")
+    val_prompts: int = Field(256, ge=1, description="held-out prompts scored at each validation evaluation")
+    train_prompts: int = Field(20000, ge=1, description="size of the generated train split")
+    output_dir: str = Field("results/jobs/default", description="folder for the job's log, config and result.json")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU (one per job when jobs run side by side)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    experiment: str = Field("harness", description="MLflow experiment name (the sweep sets study/scale)")
+    proxy: ProxyModel = Field(default_factory=ProxyModel, description="tiny proxy model, used when model='proxy'")
+    trl: dict[str, Any] = Field(default_factory=dict, description="GRPOConfig knobs, by GRPOConfig's names")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        from harness.objectives import OBJECTIVES
+
+        if v not in OBJECTIVES:
+            raise ValueError(f"unknown objective {v!r}; choose one of {sorted(OBJECTIVES)}")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from harness.tasks import TASKS
+
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; choose one of {sorted(TASKS)}")
+        return v
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        known = grpo_config_fields()
+        for key in v:
+            if key in MANAGED_TRL_KNOBS:
+                raise ValueError(f"trl.{key} is managed by the harness: {MANAGED_TRL_KNOBS[key]}")
+            if key not in known:
+                raise ValueError(f"trl.{key} is not a GRPOConfig field (see trl.GRPOConfig for the allowed names)")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_shapes(self) -> JobConfig:
+        shape_of(self)  # raises on impossible combinations
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """How (generation_batch_size, batch_ratio, iterations) map onto TRL's knobs for one process."""
+
+    per_device_train_batch_size: int
+    steps_per_generation: int
+    gradient_accumulation_steps: int
+    num_iterations: int
+    optimizer_steps_per_rollout_batch: int
+
+
+def shape_of(cfg: JobConfig) -> BatchShape:
+    """generation batch = micro-batch x steps_per_generation; optimizer batch = micro-batch x grad accumulation.
+
+    batch_ratio = steps_per_generation / gradient_accumulation_steps, so each pass over a rollout batch is
+    batch_ratio optimizer steps and the batch receives batch_ratio x iterations steps in all. With this mapping
+    TRL computes old log-probs exactly when batch_ratio x iterations > 1 (see NOTES §2).
+    """
+    gen = cfg.generation_batch_size
+    g = cfg.trl.get("num_generations", 8)
+    micro = cfg.trl.get("per_device_train_batch_size", 8)
+    if not isinstance(g, int) or not isinstance(micro, int) or g < 1 or micro < 1:
+        raise ValueError("trl.num_generations and trl.per_device_train_batch_size must be positive integers")
+    if gen % g:
+        raise ValueError(f"generation_batch_size={gen} must be divisible by trl.num_generations={g}")
+    if gen % cfg.batch_ratio:
+        raise ValueError(f"generation_batch_size={gen} must be divisible by batch_ratio={cfg.batch_ratio}")
+    optimizer_batch = gen // cfg.batch_ratio
+    if optimizer_batch % micro:
+        raise ValueError(
+            f"optimizer batch generation_batch_size/batch_ratio={optimizer_batch} must be divisible by "
+            f"trl.per_device_train_batch_size={micro}")
+    if micro % g and g % micro:
+        raise ValueError(f"trl.per_device_train_batch_size={micro} and trl.num_generations={g} must divide one another")
+    return BatchShape(
+        per_device_train_batch_size=micro,
+        steps_per_generation=gen // micro,
+        gradient_accumulation_steps=optimizer_batch // micro,
+        num_iterations=cfg.iterations,
+        optimizer_steps_per_rollout_batch=cfg.batch_ratio * cfg.iterations,
+    )
+
+
+def grpo_config_fields() -> set[str]:
+    from trl import GRPOConfig
+
+    return {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (dotted keys reach nested fields)")
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
+    """Validate a raw mapping; the first problem becomes a one-line ConfigError naming the field."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(err["loc"])
+            msg = f"unknown field; allowed: {', '.join(allowed)}"
+        raise ConfigError(f"{source}: {field}: {msg}") from None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    raw: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of field: value")
+    return build_config(deep_merge(raw, parse_overrides(list(overrides))), source)
+
+
+def config_hash(cfg: JobConfig) -> str:
+    """Stable hash of everything that changes what a job computes (output_dir and experiment excluded)."""
+    d = cfg.model_dump(mode="json", exclude={"output_dir", "experiment"})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
