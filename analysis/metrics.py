@@ -1,0 +1,50 @@
+"""The metric keys the analysis reads (see docs/ARCHITECTURE.md, "Contract"), with labels and file names."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+VAL_REWARD = "val/reward"
+TRAIN_REWARD = "reward"
+ENTROPY = "entropy"
+LOSS = "loss"
+ROLLOUT_KL = "rollout_kl"
+REF_KL = "kl"
+CLIP_RATIO = "clip_ratio/region_mean"
+GRAD_NORM = "grad_norm"
+GRAD_CLIPPED = "grad_clipped"
+STEPS_ON_BATCH = "rollout/steps_on_batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveMetric:
+    key: str  # MLflow metric key
+    label: str  # y-axis label and figure title
+    slug: str  # file name stem under figures/
+    optional: bool = False  # figure only when some run logged it (kl exists only with beta > 0)
+    yscale: Literal["linear", "log"] = "linear"  # log where a blow-up would flatten everything else
+
+
+CURVES: tuple[CurveMetric, ...] = (
+    CurveMetric(TRAIN_REWARD, "train reward", "train_reward"),
+    CurveMetric(VAL_REWARD, "validation reward (greedy)", "val_reward"),
+    CurveMetric(CLIP_RATIO, "clip ratio (region mean)", "clip_ratio"),
+    CurveMetric(ROLLOUT_KL, "KL(rollout || policy)", "rollout_kl"),
+    CurveMetric(REF_KL, "KL to reference", "ref_kl", optional=True),
+    CurveMetric(ENTROPY, "entropy (nats)", "entropy"),
+    CurveMetric("ratio/abs_dev_mean", "mean |r - 1|", "ratio_abs_dev"),
+    CurveMetric("completions/mean_length", "completion length (tokens)", "completion_length"),
+    CurveMetric(GRAD_NORM, "grad norm (before clipping)", "grad_norm", yscale="log"),
+)
+CURVES_BY_KEY = {c.key: c for c in CURVES}
+
+# Read by the tables (beyond val/reward) and by the collapse rules.
+TABLE_KEYS: tuple[str, ...] = (VAL_REWARD, ROLLOUT_KL, CLIP_RATIO, GRAD_CLIPPED, STEPS_ON_BATCH)
+COLLAPSE_KEYS: tuple[str, ...] = (VAL_REWARD, ENTROPY, LOSS)
+
+# Everything the figures, tables and report need: what the loader fetches and caches.
+ALL_KEYS: tuple[str, ...] = tuple(dict.fromkeys([c.key for c in CURVES] + list(TABLE_KEYS) + list(COLLAPSE_KEYS)))
+# Keys a study must have (in at least one run) for each command; optional curves are skipped instead.
+REQUIRED_FOR_TABLES: tuple[str, ...] = TABLE_KEYS
+REQUIRED_FOR_FIGURES: tuple[str, ...] = tuple(
+    dict.fromkeys([c.key for c in CURVES if not c.optional] + list(TABLE_KEYS)))

@@ -1,0 +1,91 @@
+"""Run metadata from MLflow tags and params, and the choice of one attempt per cell.
+
+A sweep may run a cell (one config hash: objective, batch_ratio, iterations, seed, ...) several times: a
+crashed or interrupted attempt is retried. Only attempts that ended as a result (`complete` or `diverged`)
+count, and of those the latest; cells with none are listed as excluded, under their latest attempt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pandas as pd
+from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
+
+USABLE = ("complete", "diverged")  # harness.status values that are results (diverged is a finding, not a failure)
+SWEEP_TAG = "harness.sweep"  # the sweep's parent run carries harness.sweep=true and no metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    cell: str  # harness.cell (config hash); falls back to harness.config_hash, then the run id
+    objective: str
+    batch_ratio: int
+    iterations: int
+    seed: int
+    status: str  # harness.status: running | complete | diverged | failed (unknown when the tag is missing)
+    attempt: int  # harness.attempt, 1-based
+    steps_per_rollout_batch: int  # optimizer steps per rollout batch: the param, else batch_ratio x iterations
+    start_time: int  # ms since epoch; orders attempts that share an attempt number
+    mlflow_status: str  # MLflow's own run status: RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+
+    @property
+    def usable(self) -> bool:
+        return self.status in USABLE
+
+    @property
+    def final(self) -> bool:
+        """Neither its metrics nor its status can change any more: safe to cache."""
+        return self.usable and self.mlflow_status == "FINISHED"
+
+
+def run_info(run: Run) -> RunInfo | None:
+    """RunInfo of a training run; None for the sweep's parent run and runs without the contract's tags."""
+    tags, params = run.data.tags, run.data.params
+    if tags.get(SWEEP_TAG, "").lower() == "true":
+        return None
+    try:
+        batch_ratio, iterations = int(tags["batch_ratio"]), int(tags["iterations"])
+        info = RunInfo(
+            run_id=run.info.run_id,
+            cell=tags.get("harness.cell") or tags.get("harness.config_hash") or run.info.run_id,
+            objective=tags["objective"],
+            batch_ratio=batch_ratio,
+            iterations=iterations,
+            seed=int(tags["seed"]),
+            status=tags.get("harness.status", "unknown"),
+            attempt=int(tags.get("harness.attempt", 1)),
+            steps_per_rollout_batch=int(params.get("optimizer_steps_per_rollout_batch", batch_ratio * iterations)),
+            start_time=int(run.info.start_time or 0),
+            mlflow_status=str(run.info.status),
+        )
+    except (KeyError, ValueError) as e:
+        # Not a job of the harness (or a broken one): say so rather than guess its place in the grid.
+        log.warning("skipping run %s: missing or malformed tag %s", run.info.run_id, e)
+        return None
+    if info.steps_per_rollout_batch < 1:
+        log.warning("skipping run %s: optimizer_steps_per_rollout_batch < 1", info.run_id)
+        return None
+    return info
+
+
+def runs_frame(infos: list[RunInfo]) -> pd.DataFrame:
+    cols = [f.name for f in dataclasses.fields(RunInfo)]
+    return pd.DataFrame([dataclasses.asdict(i) for i in infos], columns=cols)
+
+
+def choose_attempts(infos: list[RunInfo]) -> tuple[list[RunInfo], list[RunInfo]]:
+    """(chosen, excluded): per cell the latest usable attempt; for cells with none, their latest attempt."""
+    by_cell: dict[str, list[RunInfo]] = {}
+    for info in infos:
+        by_cell.setdefault(info.cell, []).append(info)
+    chosen, excluded = [], []
+    for attempts in by_cell.values():
+        attempts.sort(key=lambda i: (i.attempt, i.start_time))
+        usable = [i for i in attempts if i.usable]
+        (chosen if usable else excluded).append(usable[-1] if usable else attempts[-1])
+    key = lambda i: (i.objective, i.batch_ratio, i.iterations, i.seed, i.cell)  # noqa: E731 - stable order
+    return sorted(chosen, key=key), sorted(excluded, key=key)

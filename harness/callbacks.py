@@ -1,0 +1,77 @@
+"""Trainer callbacks: metrics to MLflow, the divergence stop, periodic greedy validation."""
+from __future__ import annotations
+
+import logging
+import math
+
+from transformers import TrainerCallback
+
+from harness.tasks import Row, Task
+from harness.tracking import RunLogger
+from harness.validation import greedy_accuracy
+
+log = logging.getLogger(__name__)
+
+
+class MLflowMetrics(TrainerCallback):
+    """Sends every optimizer step's logs (TRL's and the harness's metrics) to the job's MLflow run.
+
+    `grad_norm` is HF's total norm before clipping; `grad_clipped` says whether `max_grad_norm` acted.
+    """
+
+    def __init__(self, logger: RunLogger, max_grad_norm: float | None):
+        self.logger = logger
+        self.max_grad_norm = max_grad_norm
+        self.last: dict[str, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "grad_norm" in metrics and self.max_grad_norm:
+            metrics["grad_clipped"] = float(metrics["grad_norm"] > self.max_grad_norm)
+        self.logger.log_metrics(metrics, step=state.global_step)
+        self.last.update(metrics)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops training cleanly at the first non-finite loss or gradient norm; the run keeps what it logged."""
+
+    WATCHED = ("loss", "grad_norm")
+
+    def __init__(self):
+        self.diverged_at: int | None = None
+        self.reason = ""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.WATCHED:
+            v = (logs or {}).get(key)
+            if isinstance(v, float) and not math.isfinite(v) and self.diverged_at is None:
+                self.diverged_at, self.reason = state.global_step, f"{key} = {v}"
+                log.warning("diverged at step %d: %s; stopping", state.global_step, self.reason)
+                control.should_training_stop = True
+
+
+class GreedyValidation(TrainerCallback):
+    """Greedy accuracy on held-out prompts before training, every `every_steps` steps, and at the end."""
+
+    def __init__(self, logger: RunLogger, task: Task, rows: list[Row], every_steps: int, max_new_tokens: int,
+                 guard: DivergenceGuard):
+        self.logger, self.task, self.rows = logger, task, rows
+        self.every_steps, self.max_new_tokens, self.guard = every_steps, max_new_tokens, guard
+        self.history: list[tuple[int, float]] = []
+
+    def _evaluate(self, step: int, model, tokenizer) -> None:
+        acc = greedy_accuracy(model, tokenizer, self.task, self.rows, self.max_new_tokens)
+        self.history.append((step, acc))
+        self.logger.log_metrics({"val/reward": acc}, step=step)
+        log.info("step %d: val/reward %.4f", step, acc)
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._evaluate(state.global_step, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.global_step % self.every_steps == 0 and self.guard.diverged_at is None:
+            self._evaluate(state.global_step, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.history[-1][0] != state.global_step and self.guard.diverged_at is None:
+            self._evaluate(state.global_step, model, processing_class)

@@ -1,0 +1,182 @@
+"""One training job end to end: config -> model and task -> HarnessGRPOTrainer -> MLflow run -> result.json."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.config import BatchShape, ConfigError, JobConfig, config_hash, shape_of
+
+log = logging.getLogger("harness.job")
+
+# Settings the harness always imposes on GRPOConfig, and why.
+FIXED_TRL_SETTINGS: dict[str, Any] = {
+    "logging_steps": 1,  # one MLflow point per optimizer step
+    "report_to": "none",  # harness.callbacks.MLflowMetrics logs, synchronously, to the harness's own run
+    "save_strategy": "no",
+    "logging_nan_inf_filter": False,  # HF would otherwise hide a NaN loss from the divergence check
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available; allowed here: auto, cpu")
+    return requested
+
+
+def grpo_config(cfg: JobConfig, shape: BatchShape, device: str):
+    """GRPOConfig from the user's TRL knobs, the batch shape and hardware-aware defaults."""
+    from trl import GRPOConfig
+
+    hardware = ({"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
+                if device == "cpu" else {"bf16": True, "gradient_checkpointing": False})
+    if cfg.trl.get("use_vllm"):
+        import importlib.util
+
+        if device == "cpu" or importlib.util.find_spec("vllm") is None:
+            raise ConfigError("trl.use_vllm: needs a CUDA device and the vllm extra (pip install '.[vllm]'); "
+                              "allowed here: false")
+    knobs = {**hardware, **cfg.trl, **FIXED_TRL_SETTINGS,
+             "per_device_train_batch_size": shape.per_device_train_batch_size,
+             "steps_per_generation": shape.steps_per_generation,
+             "gradient_accumulation_steps": shape.gradient_accumulation_steps,
+             "num_iterations": shape.num_iterations,
+             "max_steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
+             "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "trainer"), "run_name": cfg.objective}
+    try:
+        return GRPOConfig(**knobs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"trl: GRPOConfig rejected the settings: {str(e).splitlines()[0]}") from None
+
+
+def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+            result_path: str | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    import torch
+
+    from harness import tracking
+    from harness.objectives import get_objective
+    from harness.tasks import get_task
+
+    # Everything that can be rejected is checked before the MLflow run exists.
+    device = resolve_device(cfg.device)
+    shape = shape_of(cfg)
+    args = grpo_config(cfg, shape, device)
+    objective, task = get_objective(cfg.objective), get_task(cfg.task)
+    if cfg.model == "proxy" and not task.alphabet:
+        raise ConfigError(f"model: 'proxy' cannot run task {cfg.task!r}; give a Hub name or a local path")
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    digest = config_hash(cfg)
+    run_tags = {"objective": cfg.objective, "batch_ratio": str(cfg.batch_ratio), "iterations": str(cfg.iterations),
+                "seed": str(cfg.seed), "harness.config_hash": digest, "harness.status": "running",
+                "harness.device": device, **tracking.git_state(), **tracking.package_versions(), **(tags or {})}
+    logger = tracking.RunLogger(cfg.experiment, f"{cfg.objective}-br{cfg.batch_ratio}-it{cfg.iterations}-s{cfg.seed}",
+                                run_tags, parent_run_id)
+    log.info("MLflow run %s in experiment %r (%s)", logger.run_id, cfg.experiment, tracking.tracking_uri())
+    _terminate_as_interrupt()
+    t0 = time.time()
+    result: dict[str, Any] = {"run_id": logger.run_id, "config_hash": digest, "status": "failed"}
+    try:
+        logger.log_params({**tracking.flatten(cfg.model_dump(mode="json")),
+                           "optimizer_steps_per_rollout_batch": str(shape.optimizer_steps_per_rollout_batch),
+                           "trl.steps_per_generation": str(shape.steps_per_generation),
+                           "trl.gradient_accumulation_steps": str(shape.gradient_accumulation_steps)})
+        logger.log_artifact(out / "config.yaml")
+        torch.set_num_threads(cfg.torch_threads)
+        result.update(_train(cfg, args, shape, objective, task, logger))
+    except KeyboardInterrupt:
+        logger.set_tags({"harness.status": "killed"})
+        logger.finish("KILLED")
+        raise
+    except BaseException as e:
+        logger.set_tags({"harness.status": "failed", "harness.error": f"{type(e).__name__}: {e}"[:500]})
+        logger.finish("FAILED")
+        raise
+    result["wall_s"] = round(time.time() - t0, 1)
+    logger.set_tags({"harness.status": result["status"]})
+    logger.finish("FINISHED")
+    path = Path(result_path) if result_path else out / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    log.info("job %s: %s", result["status"], json.dumps(result))
+    return result
+
+
+def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> dict[str, Any]:
+    from harness.callbacks import DivergenceGuard, GreedyValidation, MLflowMetrics
+    from harness.trainer import HarnessGRPOTrainer
+    from harness.tracking import cache_root
+
+    model_path = cfg.model
+    if cfg.model == "proxy":
+        from harness.proxy_model import ensure_proxy_model
+
+        path = ensure_proxy_model(cfg.proxy, task, cache_root())
+        meta = json.loads((path / "meta.json").read_text())
+        logger.log_params({"proxy.path": str(path), "proxy.params": str(meta["params"]),
+                           "proxy.warmstart_val_reward": str(meta["warmstart_val_reward"])})
+        model_path = str(path)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    guard = DivergenceGuard()
+    metrics = MLflowMetrics(logger, args.max_grad_norm)
+    validation = GreedyValidation(logger, task, task.val_rows(cfg.val_prompts),
+                                  every_steps=cfg.eval_every * shape.optimizer_steps_per_rollout_batch,
+                                  max_new_tokens=args.max_completion_length, guard=guard)
+    trainer = HarnessGRPOTrainer(model=model_path, processing_class=tokenizer,
+                                 reward_funcs=task.reward_func(tokenizer.eos_token_id), args=args,
+                                 train_dataset=task.train_dataset(cfg.train_prompts, cfg.seed),
+                                 callbacks=[metrics, guard, validation], objective=objective)
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        # Sampling from a policy whose logits went non-finite is a divergence, not a harness failure.
+        if "probability tensor contains" not in str(e):
+            raise
+        guard.diverged_at, guard.reason = trainer.state.global_step, f"sampling failed: {e}"
+
+    steps_per_batch = trainer.finish_rollout_accounting()
+    expected = shape.optimizer_steps_per_rollout_batch
+    full = steps_per_batch[:-1] if guard.diverged_at is not None else steps_per_batch
+    reuse_ok = all(s == expected for s in full)
+    status = "diverged" if guard.diverged_at is not None else "complete"
+    tags = {"harness.steps_per_rollout_batch_ok": str(reuse_ok).lower()}
+    if guard.diverged_at is not None:
+        tags.update({"harness.diverged_at": str(guard.diverged_at), "harness.diverged_reason": guard.reason})
+    logger.set_tags(tags)
+    if not reuse_ok:
+        log.warning("rollout batches received %s optimizer steps, expected %d", sorted(set(full)), expected)
+    final = {k: metrics.last[k] for k in ("reward", "entropy", "clip_ratio/region_mean", "ratio/abs_dev_mean",
+                                          "rollout_kl", "grad_norm") if k in metrics.last}
+    if validation.history:
+        final["val/reward"] = validation.history[-1][1]
+        final["val/reward_initial"] = validation.history[0][1]
+    return {"status": status, "steps": trainer.state.global_step, "final": final,
+            "steps_per_rollout_batch": steps_per_batch, "steps_per_rollout_batch_expected": expected,
+            "diverged_at": guard.diverged_at}
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (sent by a worker or a scheduler) unwinds like Ctrl-C, so the run is marked KILLED."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,117 @@
+"""Tasks: prompts with a verifiable answer, split into train and held-out validation prompts.
+
+A task provides train/validation rows ({"prompt", "answer"}), a reward for TRL and for greedy validation, and
+for the offline proxy the worked solutions used by the supervised warm start and the characters it needs.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def register_task(name: str):
+    def wrap(factory):
+        TASKS[name] = factory
+        return factory
+
+    return wrap
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]()
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    answer: str
+    solution: str  # a worked completion ending in the answer (proxy warm start only)
+
+
+class Task:
+    name: str
+    alphabet: str = ""  # characters the proxy tokenizer needs; empty for tasks that bring a real tokenizer
+
+    def train_rows(self, n: int, seed: int) -> list[Row]:
+        raise NotImplementedError
+
+    def val_rows(self, n: int) -> list[Row]:
+        raise NotImplementedError
+
+    def score(self, completion: str, answer: str) -> float:
+        """1.0 for a correct, complete answer, else 0.0."""
+        raise NotImplementedError
+
+    def train_dataset(self, n: int, seed: int) -> Dataset:
+        rows = self.train_rows(n, seed)
+        return Dataset.from_dict({"prompt": [r.prompt for r in rows], "answer": [r.answer for r in rows]})
+
+    def reward_func(self, eos_token_id: int | None):
+        """A TRL reward function; a completion that never emitted EOS (truncated) scores 0."""
+
+        def correct_answer(completions, answer, completion_ids=None, **_):
+            out = []
+            for i, (text, ans) in enumerate(zip(completions, answer)):
+                ended = completion_ids is None or eos_token_id is None or eos_token_id in completion_ids[i]
+                out.append(self.score(text, ans) if ended else 0.0)
+            return out
+
+        return correct_answer
+
+
+@register_task("chain-sum")
+class ChainSum(Task):
+    """"a+b+c=" -> "a+b=s1,s1+c=s2;s2": a short chain of intermediate sums, then the final answer.
+
+    Two-digit operands; 20-25 completion tokens, so a response is a sequence of steps as in reasoning RL
+    (NOTES §7: three-token answers made a weak proxy). Reward 1 only for the right final answer followed by EOS.
+    The validation prompts are a fixed sample (seed 1234) shared by every job; train prompts exclude them.
+    """
+
+    name = "chain-sum"
+    alphabet = "0123456789+=,;"
+    VAL_SEED = 1234
+    VAL_POOL = 2000
+
+    @staticmethod
+    def _row(a: int, b: int, c: int) -> Row:
+        s1 = a + b
+        s2 = s1 + c
+        return Row(prompt=f"{a}+{b}+{c}=", answer=str(s2), solution=f"{a}+{b}={s1},{s1}+{c}={s2};{s2}")
+
+    @staticmethod
+    def _triple(rng: random.Random) -> tuple[int, int, int]:
+        return rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
+
+    def _val_triples(self) -> list[tuple[int, int, int]]:
+        rng = random.Random(self.VAL_SEED)
+        seen: dict[tuple[int, int, int], None] = {}
+        while len(seen) < self.VAL_POOL:
+            seen[self._triple(rng)] = None
+        return list(seen)
+
+    def val_rows(self, n: int) -> list[Row]:
+        if n > self.VAL_POOL:
+            raise ValueError(f"val_prompts={n} exceeds the chain-sum validation pool of {self.VAL_POOL}")
+        return [self._row(*t) for t in self._val_triples()[:n]]
+
+    def train_rows(self, n: int, seed: int) -> list[Row]:
+        held_out = set(self._val_triples())
+        rng = random.Random(seed)
+        rows = []
+        while len(rows) < n:
+            t = self._triple(rng)
+            if t not in held_out:
+                rows.append(self._row(*t))
+        return rows
+
+    def score(self, completion: str, answer: str) -> float:
+        head, sep, final = completion.strip().rpartition(";")
+        return float(bool(sep) and final == answer)

@@ -1,0 +1,135 @@
+"""MLflow: where the store is, how a job's run is created, tagged and fed metrics.
+
+The harness talks to MLflow through `MlflowClient` with explicit run ids and synchronous `log_batch` calls:
+nothing depends on a process-global active run, and every metric is stored before `log_batch` returns, so a
+crash or a SIGKILL loses at most the step in flight.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "trl", "transformers", "accelerate", "mlflow", "vllm")
+
+
+def results_root() -> Path:
+    """Root of everything the harness writes: `$HARNESS_RESULTS`, else `results/` in the working directory."""
+    return Path(os.environ.get("HARNESS_RESULTS", "results")).resolve()
+
+
+def cache_root() -> Path:
+    """Built proxy models: `$HARNESS_CACHE`, else `<results root>/cache`."""
+    return Path(os.environ.get("HARNESS_CACHE") or results_root() / "cache").resolve()
+
+
+def tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else an embedded sqlite store under the results root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_root() / 'mlflow.db'}"
+
+
+def client() -> MlflowClient:
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # A local store's artifacts sit beside it (MLflow's default, ./mlruns of the cwd, scatters them).
+    artifacts = None
+    if c.tracking_uri.startswith("sqlite:///"):
+        artifacts = (Path(c.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # another worker created it first
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_state() -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[f"versions.{name}"] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+class RunLogger:
+    """One MLflow run: creation with tags, params, per-step metrics, final status."""
+
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
+        self.client = client()
+        exp_id = ensure_experiment(self.client, experiment)
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        ts = _now_ms()
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str) -> None:
+        """status: MLflow's FINISHED / FAILED / KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

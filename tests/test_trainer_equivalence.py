@@ -1,0 +1,136 @@
+"""HarnessGRPOTrainer against TRL's own GRPOTrainer._compute_loss on real, reused rollout batches.
+
+- the `grpo` arm is bit-identical to stock TRL (it *is* stock TRL, plus read-only diagnostics);
+- the harness's objective pipeline, fed TRL's clipped formula, reproduces stock TRL for every supported
+  aggregation and with the KL penalty on: so CFPO shares masks, aggregation and KL handling with GRPO;
+- CFPO equals GRPO, loss and gradients, when the ratio is exactly 1.
+"""
+import pytest
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from harness.objectives import Objective, get_objective, grpo_clipped
+from harness.proxy_model import build_model, build_tokenizer
+from harness.config import ProxyModel
+from harness.trainer import SUPPORTED_LOSS_TYPES, HarnessGRPOTrainer
+
+ALPHABET = "0123456789+=,;"
+
+
+def digit_reward(completions, **_):
+    """Any deterministic, varied score gives non-zero advantages without a warm-started model."""
+    return [sum(ch in "13579" for ch in c) / (1 + len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = build_tokenizer(ALPHABET)
+    build_model(ProxyModel(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+                tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def trained_trainer(model_dir, tmp_path, beta, objective="grpo"):
+    """A trainer after 3 optimizer steps on one rollout batch used for 2 iterations x 2 steps: its buffered
+    micro-batches carry old log-probs from a policy that has since moved (r != 1)."""
+    from datasets import Dataset
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+        per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=1,
+        num_iterations=2, max_steps=3, max_completion_length=12, learning_rate=5e-2, beta=beta, seed=0,
+        logging_steps=1, save_strategy="no", disable_tqdm=True)
+    data = Dataset.from_dict({"prompt": [f"{a}+{a + 1}+7=" for a in range(10, 60)]})
+    trainer = HarnessGRPOTrainer(model=model_dir, reward_funcs=digit_reward, args=args, train_dataset=data,
+                                 objective=get_objective(objective))
+    trainer.train()
+    trainer.model.train()
+    inputs = trainer._buffered_inputs[0]
+    assert inputs.get("old_per_token_logps") is not None
+    return trainer, inputs
+
+
+def loss_and_grad(trainer, fn, inputs):
+    trainer.model.zero_grad()
+    loss = fn(trainer.model, inputs)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return loss.detach(), grads.clone()
+
+
+def stock(trainer):
+    return lambda model, inputs: GRPOTrainer._compute_loss(trainer, model, inputs)
+
+
+@pytest.fixture(scope="module", params=[0.0, 0.1], ids=["beta0", "beta0.1"])
+def reused_batch(request, model_dir, tmp_path_factory):
+    return trained_trainer(model_dir, tmp_path_factory.mktemp("out"), beta=request.param)
+
+
+def test_grpo_arm_is_bit_identical_to_stock_trl(reused_batch):
+    trainer, inputs = reused_batch
+    l_stock, g_stock = loss_and_grad(trainer, stock(trainer), inputs)
+    l_arm, g_arm = loss_and_grad(trainer, trainer._compute_loss, inputs)
+    assert torch.equal(l_stock, l_arm) and torch.equal(g_stock, g_arm)
+
+
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_objective_pipeline_reproduces_stock_trl(reused_batch, loss_type):
+    trainer, inputs = reused_batch
+    trainer.loss_type = loss_type
+    try:
+        l_stock, g_stock = loss_and_grad(trainer, stock(trainer), inputs)
+        trainer.objective = Objective("clip-formula", grpo_clipped, stock_trl=False)
+        l_ours, g_ours = loss_and_grad(trainer, trainer._compute_loss, inputs)
+    finally:
+        trainer.objective, trainer.loss_type = get_objective("grpo"), "dapo"
+    assert l_stock.abs() > 0 and g_stock.abs().max() > 0  # not a vacuous comparison
+    torch.testing.assert_close(l_ours, l_stock, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_stock, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_cfpo_equals_grpo_when_ratio_is_one(reused_batch, loss_type):
+    trainer, inputs = reused_batch
+    on_policy = {**inputs, "old_per_token_logps": None}  # TRL's own on-policy path: r == 1 exactly
+    trainer.loss_type = loss_type
+    try:
+        l_stock, g_stock = loss_and_grad(trainer, stock(trainer), on_policy)
+        trainer.objective = get_objective("cfpo")
+        l_cfpo, g_cfpo = loss_and_grad(trainer, trainer._compute_loss, on_policy)
+    finally:
+        trainer.objective, trainer.loss_type = get_objective("grpo"), "dapo"
+    torch.testing.assert_close(l_cfpo, l_stock, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_cfpo, g_stock, rtol=1e-5, atol=1e-8)
+
+
+def test_cfpo_differs_off_policy_and_logs_diagnostics(reused_batch):
+    trainer, inputs = reused_batch
+    trainer._metrics["train"].clear()
+    try:
+        trainer.objective = get_objective("cfpo")
+        l_cfpo, g_cfpo = loss_and_grad(trainer, trainer._compute_loss, inputs)
+    finally:
+        trainer.objective = get_objective("grpo")
+    l_stock, g_stock = loss_and_grad(trainer, stock(trainer), inputs)
+    assert not torch.allclose(g_cfpo, g_stock)
+    m = trainer._metrics["train"]
+    assert m["rollout/ratio_measured"][-1] == 1.0
+    assert m["ratio/abs_dev_mean"][-1] > 0 and m["rollout_kl"][-1] > 0
+    assert m["cfpo/penalty_mean"][-1] > 0
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"):
+        assert key in m
+
+
+def test_unsupported_settings_are_rejected_for_custom_objectives(model_dir, tmp_path):
+    from datasets import Dataset
+
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                      per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+                      loss_type="cispo")
+    with pytest.raises(ValueError, match="trl.loss_type must be one of"):
+        HarnessGRPOTrainer(model=model_dir, reward_funcs=digit_reward, args=args,
+                           train_dataset=Dataset.from_dict({"prompt": ["1+2+3="] * 8}),
+                           objective=get_objective("cfpo"))
