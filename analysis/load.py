@@ -110,7 +110,8 @@ def _from_cache(study: str, scale: str, cache: RunCache, keys: set[str]) -> Stud
     name = experiment_name(study, scale)
     entries = cache.entries(name)
     if not entries:
-        raise AnalysisError(f"no MLflow store and no cached runs of {name!r} in {cache.folder}")
+        raise AnalysisError(f"no cached runs of {name!r} in {cache.folder}, and MLflow was not read (no store, "
+                            "or --offline)")
     # The cache holds finished runs only, so each cell's latest cached attempt is its latest usable one
     # as of the last load that reached MLflow.
     chosen, _ = choose_attempts([e.info for e in entries])
@@ -153,7 +154,7 @@ def _fetch_history(client: MlflowClient, run_id: str, keys: set[str]) -> pd.Data
     df = (df.sort_values(["metric", "step", "timestamp"], kind="stable")
             .drop_duplicates(["metric", "step"], keep="last"))
     value = df["value"].to_numpy(dtype=float)
-    df["value"] = np.where(np.abs(value) >= _FLOAT_MAX, np.sign(value) * np.inf, value)
+    df["value"] = np.where(np.abs(value) >= _FLOAT_MAX, np.copysign(np.inf, value), value)
     df["step"] = df["step"].astype("int64")
     return df[METRIC_COLUMNS].reset_index(drop=True)
 

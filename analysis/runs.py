@@ -26,11 +26,13 @@ class RunInfo:
     batch_ratio: int
     iterations: int
     seed: int
-    status: str  # harness.status: running | complete | diverged | failed (unknown when the tag is missing)
+    status: str  # harness.status: running | complete | diverged | failed | killed (unknown when the tag is missing)
     attempt: int  # harness.attempt, 1-based
     steps_per_rollout_batch: int  # optimizer steps per rollout batch: the param, else batch_ratio x iterations
     start_time: int  # ms since epoch; orders attempts that share an attempt number
     mlflow_status: str  # MLflow's own run status: RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    diverged_at: int | None = None  # harness.diverged_at: step at which the harness's divergence guard stopped it
+    note: str = ""  # harness.diverged_reason or harness.error: why it diverged or failed, for the report
 
     @property
     def usable(self) -> bool:
@@ -61,6 +63,8 @@ def run_info(run: Run) -> RunInfo | None:
             steps_per_rollout_batch=int(params.get("optimizer_steps_per_rollout_batch", batch_ratio * iterations)),
             start_time=int(run.info.start_time or 0),
             mlflow_status=str(run.info.status),
+            diverged_at=int(tags["harness.diverged_at"]) if tags.get("harness.diverged_at") else None,
+            note=tags.get("harness.diverged_reason") or tags.get("harness.error") or "",
         )
     except (KeyError, ValueError) as e:
         # Not a job of the harness (or a broken one): say so rather than guess its place in the grid.

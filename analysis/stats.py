@@ -23,16 +23,3 @@ def mean_ci(df: pd.DataFrame, by: list[str], value: str, level: float = LEVEL) -
     out["hi"] = out["mean"] + half
     return out.drop(columns="sem")
 
-
-def ci_of(values: np.ndarray | list[float], level: float = LEVEL) -> tuple[int, float, float, float]:
-    """(n, mean, lo, hi) of one sample; the scalar form of `mean_ci`."""
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    n = len(x)
-    if n == 0:
-        return 0, np.nan, np.nan, np.nan
-    m = float(x.mean())
-    if n < 2:
-        return n, m, np.nan, np.nan
-    half = float(stats.t.ppf((1 + level) / 2, n - 1) * stats.sem(x))
-    return n, m, m - half, m + half

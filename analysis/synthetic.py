@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from analysis.layout import experiment_name
 
@@ -27,17 +27,20 @@ def cell_hash(objective: str, batch_ratio: int, iterations: int, seed: int) -> s
 def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str, objective: str,
             batch_ratio: int, iterations: int, seed: int, metrics: Mapping[str, Curve],
             status: str = "complete", attempt: int = 1, cell: str | None = None,
-            parent_run_id: str | None = None) -> str:
-    """One child run of a sweep; MLflow status FINISHED for complete/diverged, FAILED for failed, else running."""
-    tags = {
+            parent_run_id: str | None = None, mlflow_status: str | None = None,
+            tags: Mapping[str, str] | None = None) -> str:
+    """One child run of a sweep. MLflow status (unless given): FINISHED for complete/diverged, FAILED for
+    failed, RUNNING otherwise; "RUNNING" leaves the run open, as a job that has not ended yet. `tags` adds
+    to (or overrides) the contract's tags, e.g. harness.diverged_at."""
+    run_tags = {
         "harness.study": study, "harness.scale": scale,
         "harness.cell": cell or cell_hash(objective, batch_ratio, iterations, seed),
         "harness.attempt": str(attempt), "harness.status": status, "objective": objective,
         "batch_ratio": str(batch_ratio), "iterations": str(iterations), "seed": str(seed),
     }
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, tags=tags,
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=run_tags | dict(tags or {}),
                             run_name=f"{objective}-b{batch_ratio}-i{iterations}-s{seed}-a{attempt}")
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param("optimizer_steps_per_rollout_batch", str(batch_ratio * iterations))])
@@ -47,10 +50,10 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
                 for step, value in (curve.items() if isinstance(curve, Mapping) else curve)]
     for start in range(0, len(entities), _BATCH):
         client.log_batch(run_id, metrics=entities[start:start + _BATCH])
-    if status in ("complete", "diverged"):
-        client.set_terminated(run_id, "FINISHED")
-    elif status == "failed":
-        client.set_terminated(run_id, "FAILED")
+    if mlflow_status is None:
+        mlflow_status = {"complete": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}.get(status, "RUNNING")
+    if mlflow_status != "RUNNING":
+        client.set_terminated(run_id, mlflow_status)
     return run_id
 
 
@@ -71,7 +74,8 @@ def synthetic_curves(objective: str, batch_ratio: int, iterations: int, seed: in
     t = steps / k  # rollout batches
     collapse_at = rollout_batches * 0.5 if (objective == "grpo" and k >= 8) else None
     healthy = 0.3 + 0.4 * (1 - np.exp(-t / 20))
-    reward = healthy if collapse_at is None else np.where(t < collapse_at, healthy, healthy * np.exp(-(t - collapse_at) / 3))
+    reward = healthy if collapse_at is None else np.where(t < collapse_at, healthy,
+                                                          healthy * np.exp(-(t - collapse_at) / 3))
     noise = lambda scale: rng.normal(0, scale, len(steps))  # noqa: E731
     entropy = np.full(len(steps), 0.8) - 0.3 * t / rollout_batches
     if collapse_at is not None:
@@ -92,6 +96,7 @@ def synthetic_curves(objective: str, batch_ratio: int, iterations: int, seed: in
     out = {key: dict(zip(steps.tolist(), np.asarray(v, dtype=float).tolist())) for key, v in metrics.items()}
     evals = np.arange(0, rollout_batches + 1, eval_every)
     val = np.interp(evals, np.concatenate([[0], t]), np.concatenate([[0.3], reward]))
+    val = np.clip(val + rng.normal(0, 0.01, len(val)), 0, 1)  # seed-to-seed spread, so intervals are not empty
     out["val/reward"] = {int(e * k): float(v) for e, v in zip(evals, val)}
     return out, "complete"
 

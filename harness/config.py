@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -40,11 +42,11 @@ class ProxyModel(BaseModel):
     """Size of the tiny Llama-style model built for the offline proxy (cached on disk, keyed by these fields)."""
 
     model_config = ConfigDict(extra="forbid")
-    hidden_size: int = Field(128, ge=8, description="width of the residual stream")
+    hidden_size: int = Field(256, ge=8, description="width of the residual stream")
     intermediate_size: int = Field(512, ge=8, description="width of the MLP")
-    num_hidden_layers: int = Field(4, ge=1, description="number of transformer blocks")
+    num_hidden_layers: int = Field(2, ge=1, description="number of transformer blocks")
     num_attention_heads: int = Field(4, ge=1, description="attention heads (num_key_value_heads = heads/2)")
-    warmstart_steps: int = Field(300, ge=0, description="supervised warm-start steps on the task's train split")
+    warmstart_steps: int = Field(250, ge=0, description="supervised warm-start steps on the task's train split")
     warmstart_lr: float = Field(1e-3, gt=0, description="learning rate of the supervised warm start")
     warmstart_batch_size: int = Field(64, ge=1, description="sequences per warm-start step")
     init_seed: int = Field(0, description="seed of the random init and the warm start (not the job seed)")
@@ -67,6 +69,7 @@ class JobConfig(BaseModel):
     eval_every: int = Field(10, ge=1, description="rollout batches between greedy validation evaluations")
     val_prompts: int = Field(256, ge=1, description="held-out prompts scored at each validation evaluation")
     train_prompts: int = Field(20000, ge=1, description="size of the generated train split")
+    save_model: bool = Field(False, description="save the final policy to output_dir/model (off: sweeps keep metrics only)")
     output_dir: str = Field("results/jobs/default", description="folder for the job's log, config and result.json")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU (one per job when jobs run side by side)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
@@ -95,17 +98,25 @@ class JobConfig(BaseModel):
     @field_validator("trl")
     @classmethod
     def _trl_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        known = grpo_config_fields()
-        for key in v:
+        hints = grpo_config_types()
+        out = {}
+        for key, value in v.items():
             if key in MANAGED_TRL_KNOBS:
                 raise ValueError(f"trl.{key} is managed by the harness: {MANAGED_TRL_KNOBS[key]}")
-            if key not in known:
+            if key not in hints:
                 raise ValueError(f"trl.{key} is not a GRPOConfig field (see trl.GRPOConfig for the allowed names)")
-        return v
+            out[key] = _coerce(key, value, hints[key])
+        return out
 
     @model_validator(mode="after")
-    def _batch_shapes(self) -> JobConfig:
-        shape_of(self)  # raises on impossible combinations
+    def _combinations(self) -> JobConfig:
+        from harness.objectives import SHARED_LOSS_TYPES, get_objective
+
+        shape_of(self)  # raises on impossible batch shapes
+        loss_type = self.trl.get("loss_type", "dapo")
+        if not get_objective(self.objective).stock_trl and loss_type not in SHARED_LOSS_TYPES:
+            raise ValueError(f"trl.loss_type={loss_type!r} is not supported with objective {self.objective!r}; "
+                             f"allowed: {', '.join(SHARED_LOSS_TYPES)}")
         return self
 
 
@@ -152,10 +163,23 @@ def shape_of(cfg: JobConfig) -> BatchShape:
     )
 
 
-def grpo_config_fields() -> set[str]:
+@functools.cache
+def grpo_config_types() -> dict[str, Any]:
     from trl import GRPOConfig
 
-    return {f.name for f in dataclasses.fields(GRPOConfig)}
+    return typing.get_type_hints(GRPOConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a TRL knob against GRPOConfig's annotation; YAML reads 1e-5 as a string, so coerce numbers."""
+    try:
+        adapter = TypeAdapter(hint)
+    except Exception:  # an annotation pydantic cannot model: GRPOConfig itself will check the value
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        raise ValueError(f"trl.{key}={value!r} does not fit GRPOConfig's type {hint}") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -190,12 +214,13 @@ def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        field = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(err["loc"])
-            msg = f"unknown field; allowed: {', '.join(allowed)}"
-        raise ConfigError(f"{source}: {field}: {msg}") from None
+            msg = f"unknown field; allowed: {', '.join(_allowed_keys(err['loc']))}"
+        # validators that name their own field (trl.*, cross-field checks) need no location prefix
+        where = "" if not field or msg.startswith(field + ".") else f"{field}: "
+        raise ConfigError(f"{source}: {where}{msg}") from None
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

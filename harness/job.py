@@ -152,6 +152,8 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
             raise
         guard.diverged_at, guard.reason = trainer.state.global_step, f"sampling failed: {e}"
 
+    if cfg.save_model:
+        trainer.save_model(str(Path(cfg.output_dir) / "model"))
     steps_per_batch = trainer.finish_rollout_accounting()
     expected = shape.optimizer_steps_per_rollout_batch
     full = steps_per_batch[:-1] if guard.diverged_at is not None else steps_per_batch

@@ -19,6 +19,8 @@ import torch
 
 # The authors' verl code clamps log r to [-20, 20] before exp: the quadratic penalty is unbounded in |r - 1|.
 LOG_RATIO_CLAMP = 20.0
+# TRL loss_type values whose aggregation the harness shares across objectives (see harness.trainer).
+SHARED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ crash or a SIGKILL loses at most the step in flight.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import os
 import subprocess
@@ -36,9 +37,16 @@ def tracking_uri() -> str:
 
 def client() -> MlflowClient:
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # Two processes creating a fresh sqlite store at once race in its schema migration: serialise them.
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # creates and migrates the schema on first use
+    return c
 
 
 def ensure_experiment(c: MlflowClient, name: str) -> str:

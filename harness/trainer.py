@@ -12,9 +12,8 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
+from harness.objectives import SHARED_LOSS_TYPES
 from harness.objectives import Objective
-
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # aggregations shared by all objectives
 
 
 class HarnessGRPOTrainer(GRPOTrainer):
@@ -33,7 +32,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
     def _check_supported(self) -> None:
         a = self.args
         problems = {
-            "loss_type": a.loss_type not in SUPPORTED_LOSS_TYPES and f"must be one of {SUPPORTED_LOSS_TYPES}",
+            "loss_type": a.loss_type not in SHARED_LOSS_TYPES and f"must be one of {SHARED_LOSS_TYPES}",
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None and "must be unset",
             "entropy_coef": self._entropy_bonus_enabled and "must be 0 (entropy bonus not ported)",
             "delta": a.delta is not None and "must be unset (two-sided clip applies to grpo only)",

@@ -9,10 +9,10 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from harness.objectives import Objective, get_objective, grpo_clipped
+from harness.objectives import SHARED_LOSS_TYPES, Objective, get_objective, grpo_clipped
 from harness.proxy_model import build_model, build_tokenizer
 from harness.config import ProxyModel
-from harness.trainer import SUPPORTED_LOSS_TYPES, HarnessGRPOTrainer
+from harness.trainer import HarnessGRPOTrainer
 
 ALPHABET = "0123456789+=,;"
 
@@ -76,7 +76,7 @@ def test_grpo_arm_is_bit_identical_to_stock_trl(reused_batch):
     assert torch.equal(l_stock, l_arm) and torch.equal(g_stock, g_arm)
 
 
-@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SHARED_LOSS_TYPES)
 def test_objective_pipeline_reproduces_stock_trl(reused_batch, loss_type):
     trainer, inputs = reused_batch
     trainer.loss_type = loss_type
@@ -91,7 +91,7 @@ def test_objective_pipeline_reproduces_stock_trl(reused_batch, loss_type):
     torch.testing.assert_close(g_ours, g_stock, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SHARED_LOSS_TYPES)
 def test_cfpo_equals_grpo_when_ratio_is_one(reused_batch, loss_type):
     trainer, inputs = reused_batch
     on_policy = {**inputs, "old_per_token_logps": None}  # TRL's own on-policy path: r == 1 exactly

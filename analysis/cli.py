@@ -1,0 +1,93 @@
+"""`python -m analysis figures|tables|bench ...`; bad input is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from analysis.collapse import CollapseRules
+from analysis.errors import AnalysisError
+
+
+def _rules(items: list[str]) -> CollapseRules:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AnalysisError(f"--rule expects KEY=VALUE, got {item!r}")
+        values[key] = value
+    try:
+        return CollapseRules(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise AnalysisError(f"--rule {'.'.join(map(str, first['loc']))}: {first['msg']} "
+                            f"(fields: {', '.join(CollapseRules.model_fields)})") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", default="proxy", help="scale of the study (proxy | paper); experiment NAME/SCALE")
+    p.add_argument("--results-dir", default="results", help="outputs go to RESULTS_DIR/NAME/SCALE/ (default results)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS_DIR/mlflow.db)")
+
+
+def _regenerate(args: argparse.Namespace, figures: bool) -> int:
+    from analysis.pipeline import regenerate
+
+    out = regenerate(args.name, args.scale, results_dir=args.results_dir, tracking_uri=args.tracking_uri,
+                     cache_dir=args.cache_dir, offline=True if args.offline else None, rules=_rules(args.rule),
+                     figures=figures, command=" ".join(["python -m analysis", *args.argv]))
+    d = out.data
+    print(f"{d.experiment}: {len(d.runs)} runs ({d.fetched_runs} read from MLflow, {d.cached_runs} from cache), "
+          f"{len(d.excluded)} excluded cells, {int(out.verdicts['collapsed'].sum())} collapsed runs")
+    print(f"tables: {len(out.tables)} files in {next(iter(out.tables.values())).parent}")
+    if figures:
+        print(f"figures: {sum(map(len, out.figures.values()))} files in {out.figures['stable_regime'][0].parent}")
+        print(f"report: {out.report}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from analysis.bench import benchmark
+
+    result = benchmark(args.name, args.scale, tracking_uri=args.tracking_uri, results_dir=args.results_dir,
+                       repeats=args.repeats)
+    print(result.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, figures, what in [("figures", True, "figures, tables and README.md of a study"),
+                                ("tables", False, "tables only")]:
+        p = sub.add_parser(name, help=what, description=what)
+        p.add_argument("name", help="study name (the sweep's study, e.g. grpo-vs-cfpo)")
+        _common(p)
+        p.add_argument("--cache-dir", default=None, help="per-run parquet cache (default RESULTS_DIR/NAME/SCALE/cache)")
+        p.add_argument("--offline", action="store_true", help="read the cache only, never MLflow")
+        p.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a collapse rule threshold, e.g. --rule val_drop=0.4 (see analysis/collapse.py)")
+        p.set_defaults(func=lambda a, f=figures: _regenerate(a, f))
+    b = sub.add_parser("bench", help="time regeneration from a cold MLflow store vs a warm cache",
+                       description="time regeneration from a cold MLflow store vs a warm cache; without NAME, on a "
+                                   "synthetic study built in a temporary folder")
+    b.add_argument("name", nargs="?", default=None, help="study to time (default: a synthetic study)")
+    _common(b)
+    b.add_argument("--repeats", type=int, default=1, help="timings per mode; the fastest is reported")
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the README records the command that made it
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

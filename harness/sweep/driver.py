@@ -1,0 +1,257 @@
+"""One `sweep` invocation: validate, enqueue what is left, launch workers, watch, clean up.
+
+Order matters: everything that can be rejected (spec, cells, storage, options) is checked before the first
+folder, ledger entry or MLflow run is written. Re-running the same command resumes: complete and diverged cells
+are skipped, attempts of dead workers are failed and re-queued, failed cells are retried up to the attempt limit
+(`--retry-failed` grants a fresh allowance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from harness.config import ConfigError
+from harness.sweep import runs
+from harness.sweep.display import SweepView, console
+from harness.sweep.ledger import (DRIVER, HOST, MAX_ATTEMPTS, PARENT_RUN, RETRY_FROM, STALE_AFTER, Ledger,
+                                  check_storage, open_storage, pid_alive, pid_start)
+from harness.sweep.spec import Plan
+from harness.sweep.worker import GRACE_S, WorkerOptions, die_with_parent, run_worker
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run now (another driver holds it); the CLI prints it and exits with code 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """How to run one sweep invocation (the CLI's options, validated)."""
+
+    workers: int = 1
+    storage: str | None = None
+    max_attempts: int = 2
+    retry_failed: bool = False
+    launcher: str = "local"
+    stale_after: float = 120.0
+    timeout_min: int = 24 * 60
+    partition: str | None = None
+
+    def check(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: must be 0 (external workers only) or more")
+        if self.max_attempts < 1:
+            raise ConfigError(f"--max-attempts {self.max_attempts}: must be at least 1")
+        if self.stale_after <= 0:
+            raise ConfigError(f"--stale-after {self.stale_after}: must be positive")
+        if self.launcher == "slurm" and self.workers < 1:
+            raise ConfigError("--launcher slurm: needs --workers 1 or more")
+
+
+def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
+    opts.check()
+    sweep_dir = results / plan.study / plan.scale
+    storage_url = check_storage(opts.storage, sweep_dir / "ledger.journal")
+    out = console()
+    # ---- nothing above this line writes anything
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(sweep_dir / "driver.lock")
+    ledger = Ledger(open_storage(storage_url), plan.experiment, create=True)
+    _refuse_second_driver(ledger)
+    ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
+    ledger.set_attr(STALE_AFTER, opts.stale_after)
+    if opts.retry_failed:
+        ledger.set_attr(RETRY_FROM, len(ledger.storage.get_all_trials(ledger.study_id, deepcopy=False)))
+    ledger.reap()
+    counts = _sync(ledger, plan)
+    out.print(f"sweep {plan.experiment}: {len(plan.cells)} cells ({counts['new']} new, {counts['retry']} retried, "
+              f"{counts['done']} done, {counts['active']} queued or running, {counts['failed']} failed for good); "
+              f"ledger {storage_url}", soft_wrap=True)
+
+    client, exp_id = runs.open_experiment(plan)
+    runs.kill_orphans(client, exp_id, ledger, keep=None)
+    parent = runs.start_parent(client, exp_id, plan, {
+        "workers": opts.workers, "launcher": opts.launcher, "max_attempts": opts.max_attempts,
+        "retry_failed": opts.retry_failed, "storage": storage_url})
+    ledger.set_attr(PARENT_RUN, parent)
+    _beat(ledger, parent)
+
+    workers = _Launcher(plan, opts, storage_url, results, sweep_dir)
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    view = SweepView(ledger, f"{plan.experiment} ({opts.workers} workers)", [c.hash for c in plan.cells],
+                     opts.workers)
+    try:
+        if not ledger.settled():
+            workers.start()
+        with view:
+            last_beat = 0.0
+            while True:
+                view.update()
+                if time.time() - last_beat > 10:
+                    ledger.reap()  # workers on other machines can die too; their attempts go back to the queue
+                    _beat(ledger, parent)
+                    last_beat = time.time()
+                if workers.finished() and (opts.workers > 0 or ledger.settled()):
+                    break
+                time.sleep(1.0)
+            view.update()
+    except KeyboardInterrupt:
+        interrupted = True
+        out.print("interrupted: stopping workers (their cells go back to the queue)...")
+        workers.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    view.update()
+    done, failed = view.count("complete", "diverged"), view.count("failed", "interrupted")
+    status = "KILLED" if interrupted else "FINISHED" if done == len(plan.cells) else "FAILED"
+    runs.end_parent(client, parent, status, {"complete": view.count("complete"), "diverged": view.count("diverged"),
+                                             "failed": failed})
+    runs.kill_orphans(client, exp_id, ledger, keep=None)
+    ledger.set_attr(DRIVER, None)
+    lock.close()
+    out.print(f"sweep {plan.experiment}: {view.summary()}; results in {sweep_dir}; MLflow experiment "
+              f"{plan.experiment!r}, parent run {parent}", soft_wrap=True)
+    for c in view.cells:
+        if c.state == "failed":
+            out.print(f"  failed {c.hash} {' '.join(f'{k}={v}' for k, v in c.axes.items())} after "
+                      f"{c.attempts} attempt(s): {c.error} (log {c.log}); rerun with --retry-failed", soft_wrap=True)
+    return 130 if interrupted else 0 if done == len(plan.cells) else 1
+
+
+def _sync(ledger: Ledger, plan: Plan) -> dict[str, int]:
+    """Enqueue new cells once (this process is the only producer before workers start); re-queue failed ones."""
+    counts = dict(new=0, retry=0, done=0, active=0, failed=0)
+    existing = ledger.by_cell()
+    for cell in plan.cells:
+        trials = existing.get(cell.hash)
+        if not trials:
+            ledger.enqueue(cell.hash, cell.axes, cell.job_fields(), cell.cost, attempt=1)
+            counts["new"] += 1
+        elif ledger.requeue(cell.hash):
+            counts["retry"] += 1
+        else:
+            states = {t.state.name for t in trials}
+            key = "done" if "COMPLETE" in states else "active" if states & {"RUNNING", "WAITING"} else "failed"
+            counts[key] += 1
+    return counts
+
+
+def _take_lock(path: Path) -> TextIO:
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SweepError(f"another `sweep` driver is running this sweep ({path}: {f.read().strip()}); add "
+                         "workers with `python -m harness worker NAME` instead") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {HOST}\n")
+    f.flush()
+    return f
+
+
+def _refuse_second_driver(ledger: Ledger) -> None:
+    """The file lock covers one machine; the ledger's driver record covers drivers on other machines."""
+    d = ledger.attr(DRIVER)
+    if not d or (d["host"] == HOST and d["pid"] == os.getpid()):
+        return
+    alive = (pid_alive(d["pid"], d.get("pid_start")) if d["host"] == HOST
+             else time.time() - d["heartbeat"] < ledger.stale_after)
+    if alive:
+        raise SweepError(f"another `sweep` driver (pid {d['pid']} on {d['host']}) is running this sweep; add "
+                         "workers with `python -m harness worker NAME` instead")
+
+
+def _beat(ledger: Ledger, parent: str) -> None:
+    ledger.set_attr(DRIVER, {"host": HOST, "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
+                             "run_id": parent, "heartbeat": time.time()})
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _Launcher:
+    """Local worker processes, or submitit jobs (SLURM, or submitit's local executor where there is none)."""
+
+    def __init__(self, plan: Plan, opts: SweepOptions, storage: str, results: Path, sweep_dir: Path):
+        self.plan, self.opts, self.storage, self.results, self.sweep_dir = plan, opts, storage, results, sweep_dir
+        self.procs: list[subprocess.Popen] = []
+        self.jobs: list[Any] = []
+
+    def worker_options(self, name: str) -> WorkerOptions:
+        return WorkerOptions(storage=self.storage, study=self.plan.study, scale=self.plan.scale,
+                             results=str(self.results), name=name)
+
+    def start(self) -> None:
+        if self.opts.workers == 0:
+            return
+        if self.opts.launcher == "slurm":
+            self._start_submitit()
+            return
+        gpus = visible_gpus()
+        (self.sweep_dir / "workers").mkdir(exist_ok=True)
+        for i in range(self.opts.workers):
+            name = f"{HOST}-w{i}"
+            env = dict(os.environ, HARNESS_RESULTS=str(self.results))
+            if gpus:  # one GPU per worker (workers beyond the GPU count share them round-robin)
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            cmd = [sys.executable, "-m", "harness", "worker", str(self.plan.spec_path.resolve()),
+                   "--scale", self.plan.scale, "--storage", self.storage, "--results-dir", str(self.results),
+                   "--name", name]
+            with open(self.sweep_dir / "workers" / f"{name}.log", "ab") as log:
+                # Own session: a terminal's Ctrl-C reaches the driver only, which stops workers in order.
+                # Parent-death SIGTERM: a SIGKILLed driver still stops its workers (they re-queue their cells).
+                self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                   env=env, start_new_session=True,
+                                                   preexec_fn=die_with_parent(signal.SIGTERM)))
+
+    def _start_submitit(self) -> None:
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=self.sweep_dir / "submitit")
+        params: dict[str, Any] = {"timeout_min": self.opts.timeout_min, "name": f"sweep-{self.plan.study}",
+                                  "slurm_array_parallelism": self.opts.workers}
+        if self.plan.scale == "paper":
+            params["gpus_per_node"] = 1
+        if self.opts.partition:
+            params["slurm_partition"] = self.opts.partition
+        executor.update_parameters(**params)
+        names = [f"{executor.cluster}-w{i}" for i in range(self.opts.workers)]
+        self.jobs = executor.map_array(run_worker, [self.worker_options(n) for n in names])
+
+    def finished(self) -> bool:
+        return all(p.poll() is not None for p in self.procs) and all(j.done() for j in self.jobs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for j in self.jobs:
+            j.cancel(check=False)
+        deadline = time.time() + GRACE_S + 15
+        try:
+            while not self.finished() and time.time() < deadline:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: stop waiting
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()  # its job gets SIGKILL too (parent-death signal); the next start reaps the cell
+                p.wait()
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]

@@ -1,0 +1,299 @@
+"""The sweep's ledger and queue: one Optuna study, one trial per attempt at a cell.
+
+Why Optuna storage: a JournalStorage file (one machine or a shared file system) or PostgreSQL (several
+machines) gives race-free hand-out of queued trials and a record optuna-dashboard can read. NOTES §5 measured
+what is safe: plain SQLite hands one trial to several workers (refused here); `enqueue_trial` is unsafe from
+concurrent producers when it relies on `skip_if_exists` (not used: a cell is enqueued only by the process that
+just settled its previous attempt, or by the driver before any worker starts); `ask()` invents a new trial when
+the queue is empty (not used: `pop` claims WAITING trials itself, as Optuna's own `_pop_waiting_trial_id` does).
+
+Trial state is the truth about an attempt: WAITING = queued, RUNNING = running, COMPLETE = finished as
+`complete` or `diverged` (user attr `harness.outcome`), FAIL = failed, died, interrupted or duplicate. Finishing
+a trial is a compare-and-set in both backends (a second finisher gets `UpdateFinishedTrialError`), so when a
+worker and a reaper race over a trial exactly one of them settles it and decides whether to re-queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.config import ConfigError
+
+CELL = "harness.cell"            # config hash; present on every trial the sweep enqueued
+AXES = "harness.axes"            # axis values of the cell (seed included)
+CONFIG = "harness.config"        # the job config, minus output_dir and experiment
+ATTEMPT = "harness.attempt"      # 1-based attempt number of this trial at its cell
+COST = "harness.cost"            # relative run time (spec.Cell.cost), for ETA
+OWNER = "harness.owner"          # {worker, host, pid, pid_start, log, started} written when a worker claims it
+HEARTBEAT = "harness.heartbeat"  # epoch seconds, refreshed by the running worker
+OUTCOME = "harness.outcome"      # {state, exit_code, duration_s, run_id, val_reward, error, retry} from the worker
+REAPED = "harness.reaped"        # why a reaper declared the attempt dead
+
+# Study attrs, set by the driver, read by every worker.
+MAX_ATTEMPTS = "harness.max_attempts"
+RETRY_FROM = "harness.retry_from"      # failures of trials numbered below this no longer count (--retry-failed)
+STALE_AFTER = "harness.stale_after"
+PARENT_RUN = "harness.parent_run_id"
+DRIVER = "harness.driver"              # {host, pid, pid_start, run_id, heartbeat} of the live driver
+
+HOST = socket.gethostname()
+COUNTED_FAILURES = ("failed", "died")  # interrupted (Ctrl-C, scheduler preemption) and duplicate do not count
+FINISHED_OK = ("complete", "diverged")
+
+
+def check_storage(url: str | None, default_path: Path) -> str:
+    """The storage a sweep uses, checked before anything is written: an RDB URL or a journal file path."""
+    if url is None:
+        return str(default_path)
+    if url.startswith("sqlite"):
+        raise ConfigError(f"--storage {url}: SQLite storage hands one cell to several workers (NOTES §5); use "
+                          "a journal file path (shared file system) or postgresql://...")
+    return url
+
+
+def open_storage(url: str) -> BaseStorage:
+    if "://" in url:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(url))
+
+
+def pid_start(pid: int) -> str | None:
+    """Start time of a process (Linux), so a recycled PID is not mistaken for the worker that owned a cell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]  # a zombie has exited
+
+
+def pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if Path("/proc").is_dir():
+        now = pid_start(pid)
+        return now is not None and (start is None or now == start)
+    return True
+
+
+@dataclasses.dataclass
+class CellStatus:
+    """One cell as the ledger sees it: its latest attempt and what it came to."""
+
+    hash: str
+    axes: dict[str, Any]
+    state: str                 # queued, running, complete, diverged, failed, interrupted
+    attempt: int
+    attempts: int              # attempts that ran (or are running)
+    cost: float
+    duration_s: float | None = None
+    started: float | None = None
+    val_reward: float | None = None
+    run_id: str | None = None
+    error: str | None = None
+    log: str | None = None
+    worker: str | None = None
+    stale: bool = False
+
+
+class Ledger:
+    """One sweep's Optuna study, with the operations the driver and the workers need."""
+
+    def __init__(self, storage: BaseStorage, study_name: str, create: bool):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.storage = storage
+        self.name = study_name
+        if create:
+            optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True)
+        try:
+            self.study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            raise ConfigError(f"no sweep {study_name!r} in this ledger; start it with `python -m harness sweep`"
+                              ) from None
+
+    # ------------------------------------------------------------------------------------ study attrs
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.storage.get_study_user_attrs(self.study_id).get(key, default)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.storage.set_study_user_attr(self.study_id, key, value)
+
+    @property
+    def max_attempts(self) -> int:
+        return int(self.attr(MAX_ATTEMPTS, 2))
+
+    @property
+    def stale_after(self) -> float:
+        return float(self.attr(STALE_AFTER, 120.0))
+
+    # ---------------------------------------------------------------------------------------- trials
+    def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
+                if CELL in t.user_attrs]
+
+    def by_cell(self) -> dict[str, list[FrozenTrial]]:
+        out: dict[str, list[FrozenTrial]] = defaultdict(list)
+        for t in self.trials():
+            out[t.user_attrs[CELL]].append(t)
+        return out
+
+    def enqueue(self, cell: str, axes: dict[str, Any], config: dict[str, Any], cost: float, attempt: int) -> None:
+        # params are informational (optuna-dashboard shows them); the cell's identity is its hash.
+        optuna.load_study(study_name=self.name, storage=self.storage).enqueue_trial(
+            {k: v for k, v in axes.items()},
+            user_attrs={CELL: cell, AXES: axes, CONFIG: config, COST: cost, ATTEMPT: attempt})
+
+    def pop(self, worker: str, log_for: Any) -> FrozenTrial | None:
+        """Claim the first queued attempt (race-free), record its owner; None when the queue is empty.
+
+        log_for(trial) -> log path of the attempt, recorded in the owner so `status` can point at it.
+        """
+        while True:
+            claimed = None
+            for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,)):
+                try:
+                    if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                        claimed = t
+                        break
+                except UpdateFinishedTrialError:
+                    continue
+            if claimed is None:
+                return None
+            tid = claimed._trial_id
+            owner = {"worker": worker, "host": HOST, "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
+                     "log": str(log_for(claimed)), "started": time.time()}
+            self.storage.set_trial_user_attr(tid, OWNER, owner)
+            self.storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
+            # A cell that got a second queued attempt (a crash between settle and re-queue) runs once.
+            cell, now = claimed.user_attrs[CELL], time.time()
+            others = [t for t in self.by_cell()[cell] if t.number != claimed.number]
+            if any(t.state == TrialState.COMPLETE or
+                   (t.state == TrialState.RUNNING and self.alive(t, now)) for t in others):
+                self.settle(tid, TrialState.FAIL, {"state": "duplicate"})
+                continue
+            return self.storage.get_trial(tid)
+
+    def heartbeat(self, trial_id: int) -> None:
+        """Raises UpdateFinishedTrialError when the attempt was settled by someone else (declared dead)."""
+        self.storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+
+    def settle(self, trial_id: int, state: TrialState, outcome: dict[str, Any], value: float | None = None) -> bool:
+        """Finish an attempt; False when another process settled it first."""
+        try:
+            self.storage.set_trial_user_attr(trial_id, OUTCOME, outcome)
+            self.storage.set_trial_state_values(trial_id, state, [value] if value is not None else None)
+            return True
+        except UpdateFinishedTrialError:
+            return False
+
+    def alive(self, t: FrozenTrial, now: float) -> bool:
+        owner = t.user_attrs.get(OWNER) or {}
+        if owner.get("host") == HOST:  # same machine: the owning process is the authority
+            return pid_alive(owner["pid"], owner.get("pid_start"))
+        beat = t.user_attrs.get(HEARTBEAT) or (t.datetime_start.timestamp() if t.datetime_start else now)
+        return now - beat < self.stale_after
+
+    def reap(self) -> list[FrozenTrial]:
+        """Fail the attempts whose worker is gone and re-queue their cells (within the attempt limit)."""
+        reaped = []
+        now = time.time()
+        for t in self.trials((TrialState.RUNNING,)):
+            if self.alive(t, now):
+                continue
+            owner = t.user_attrs.get(OWNER) or {}
+            why = f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} (pid {owner.get('pid', '?')}) is gone"
+            try:
+                self.storage.set_trial_user_attr(t._trial_id, REAPED, why)
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue  # its worker, or another reaper, settled it first
+            logging.getLogger(__name__).warning("cell %s attempt %s: %s", t.user_attrs[CELL],
+                                                t.user_attrs.get(ATTEMPT), why)
+            self.requeue(t.user_attrs[CELL])
+            reaped.append(t)
+        return reaped
+
+    def requeue(self, cell: str, settling: FrozenTrial | None = None, failed: bool = False) -> bool:
+        """Queue the next attempt of a cell unless it is done, queued, running, or out of attempts.
+
+        settling: the caller's own RUNNING attempt, about to be settled (re-queue comes first, so a crash in
+        between leaves a queued cell, never a lost one); failed: whether that attempt counts as a failure.
+        """
+        trials = self.by_cell().get(cell, [])
+        others = [t for t in trials if settling is None or t.number != settling.number]
+        if not trials or any(t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+                             for t in others):
+            return False
+        retry_from = int(self.attr(RETRY_FROM, 0))
+        counted = [t for t in others if t.number >= retry_from and attempt_state(t) in COUNTED_FAILURES]
+        if len(counted) + int(failed) >= self.max_attempts:
+            return False
+        if counted and not (counted[-1].user_attrs.get(OUTCOME) or {}).get("retry", True):
+            return False  # a bad-config exit (2) fails the same way again; --retry-failed overrides
+        last = trials[-1].user_attrs
+        self.enqueue(cell, last[AXES], last[CONFIG], last[COST], max(t.user_attrs[ATTEMPT] for t in trials) + 1)
+        return True
+
+    def settled(self) -> bool:
+        """Nothing queued and nothing alive running: workers may leave."""
+        now = time.time()
+        return not any(t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and self.alive(t, now))
+                       for t in self.trials((TrialState.WAITING, TrialState.RUNNING)))
+
+    def cells(self) -> list[CellStatus]:
+        return [cell_status(h, ts, self.alive) for h, ts in self.by_cell().items() if ts]
+
+    def live_attempts(self) -> set[tuple[str, int]]:
+        now = time.time()
+        return {(t.user_attrs[CELL], int(t.user_attrs[ATTEMPT])) for t in self.trials((TrialState.RUNNING,))
+                if self.alive(t, now)}
+
+
+def attempt_state(t: FrozenTrial) -> str:
+    """What one attempt came to: queued, running, complete, diverged, failed, died, interrupted, duplicate."""
+    outcome = t.user_attrs.get(OUTCOME) or {}
+    if t.state == TrialState.WAITING:
+        return "queued"
+    if t.state == TrialState.RUNNING:
+        return "running"
+    if t.state == TrialState.COMPLETE:
+        return outcome.get("state", "complete")
+    state = outcome.get("state")
+    # A FAIL trial with a success outcome lost a race with a reaper: the record counts it as died.
+    return "died" if state is None or state in FINISHED_OK else state
+
+
+def cell_status(cell: str, trials: list[FrozenTrial], alive: Any) -> CellStatus:
+    real = [t for t in trials if attempt_state(t) != "duplicate"] or trials
+    done = [t for t in real if t.state == TrialState.COMPLETE]
+    running = [t for t in real if t.state == TrialState.RUNNING]
+    queued = [t for t in real if t.state == TrialState.WAITING]
+    t = done[0] if done else running[-1] if running else queued[-1] if queued else real[-1]
+    state = attempt_state(t)
+    state = "failed" if state == "died" else state
+    outcome, owner = t.user_attrs.get(OUTCOME) or {}, t.user_attrs.get(OWNER) or {}
+    return CellStatus(
+        hash=cell, axes=t.user_attrs[AXES], state=state, attempt=int(t.user_attrs[ATTEMPT]),
+        attempts=sum(1 for x in real if x.state != TrialState.WAITING), cost=float(t.user_attrs.get(COST, 1.0)),
+        duration_s=outcome.get("duration_s"), started=owner.get("started"), val_reward=outcome.get("val_reward"),
+        run_id=outcome.get("run_id"), error=outcome.get("error") or t.user_attrs.get(REAPED),
+        log=owner.get("log"), worker=owner.get("worker"),
+        stale=t.state == TrialState.RUNNING and not alive(t, time.time()))

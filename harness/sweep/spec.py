@@ -1,0 +1,268 @@
+"""Sweep spec: which job configs (cells) a sweep runs, at which scale.
+
+A spec is a YAML file (see sweeps/grpo-vs-cfpo.yaml): a base job config, axes (any job field, dotted keys for
+nested ones), replicate seeds, and two scales (`paper`, `proxy`) that override any of these. A cell is one point
+of (axes x seeds) resolved into a validated `JobConfig`; its identity is `config_hash` of that config, so a cell
+keeps its identity (and its ledger entry) across spec edits that do not change what it computes.
+
+Everything is checked here, before a sweep writes anything: each problem is one `ConfigError` naming the spec
+file and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from harness.config import ConfigError, JobConfig, ProxyModel, build_config, config_hash, deep_merge
+
+ScaleName = Literal["paper", "proxy"]
+SCALES: tuple[str, ...] = ("paper", "proxy")
+
+# Job fields the sweep sets itself; a spec that sets them would be silently overridden, so it is an error.
+SWEEP_MANAGED = {
+    "output_dir": "the sweep puts each job in results/<study>/<scale>/jobs/<cell>",
+    "experiment": "the sweep logs to the MLflow experiment <study>/<scale>",
+    "seed": "list replicate seeds under seeds: [...]",
+}
+# The budget is fixed per scale so that cells differ only in how they reuse rollouts.
+NOT_AN_AXIS = {"rollout_batches": "the training budget is fixed per scale, so that cells differ only in "
+                                  "rollout reuse; set it in base"}
+NESTED = {"trl": None, "proxy": ProxyModel}  # sections reachable with dotted keys (trl: any GRPOConfig name)
+
+
+class ScaleSpec(BaseModel):
+    """Overrides of the sweep's base, axes and seeds for one scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field("", description="what this scale is for; logged on the sweep's parent MLflow run")
+    base: dict[str, Any] = Field(default_factory=dict, description="job fields merged over the sweep's base "
+                                                                   "(nested sections or dotted keys)")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="axes replaced, key by key, at this "
+                                                                         "scale; other axes are kept")
+    seeds: list[StrictInt] | None = Field(None, description="replicate seeds at this scale (default: the sweep's)")
+
+
+class Scales(BaseModel):
+    """The two scales every sweep defines; `--scale auto` picks paper on a CUDA machine, else proxy."""
+
+    model_config = ConfigDict(extra="forbid")
+    paper: ScaleSpec = Field(description="the real experiment: a Hub model and task on GPUs")
+    proxy: ScaleSpec = Field(description="an offline CPU stand-in that finishes in minutes")
+
+
+class SweepSpec(BaseModel):
+    """A sweep file: a base job, the axes of the grid, replicate seeds and the two scales."""
+
+    model_config = ConfigDict(extra="forbid")
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                       description="study name: results/<study>/<scale>/ and MLflow experiment <study>/<scale>")
+    description: str = Field("", description="what the sweep asks; logged on the sweep's parent MLflow run")
+    base: dict[str, Any] = Field(default_factory=dict, description="job fields shared by every cell "
+                                                                   "(any JobConfig field; nested or dotted keys)")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="job field (dotted key) -> values; "
+                                                                         "the grid is their product")
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], description="replicate seeds; each cell runs "
+                                                                            "once per seed")
+    scales: Scales = Field(description="per-scale overrides of base, axes and seeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One job of the grid: its axis values (seed included), its resolved config and its identity."""
+
+    hash: str
+    axes: dict[str, Any]
+    config: JobConfig
+
+    @property
+    def cost(self) -> float:
+        """Relative run time, for ordering and ETA: NOTES §7 measured time ~ start-up + optimizer steps."""
+        return float(self.config.rollout_batches * (8 + self.config.batch_ratio * self.config.iterations))
+
+    def job_fields(self) -> dict[str, Any]:
+        """The config as stored in the ledger: everything but the per-machine output_dir and experiment."""
+        return self.config.model_dump(mode="json", exclude={"output_dir", "experiment"})
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.axes.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A spec resolved at one scale: what a sweep invocation enqueues."""
+
+    spec_path: Path
+    spec: SweepSpec
+    scale: str
+    base: dict[str, Any]
+    axes: dict[str, list[Any]]
+    seeds: list[int]
+    cells: list[Cell]
+
+    @property
+    def study(self) -> str:
+        return self.spec.study
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.spec.study}/{self.scale}"
+
+
+def spec_path(name: str) -> Path:
+    """NAME -> sweeps/NAME.yaml when NAME is not itself a file."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for candidate in (Path("sweeps") / f"{name}.yaml", Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{name}: no such sweep (give sweeps/NAME.yaml's NAME or a path to a spec file)")
+
+
+def load_spec(name: str) -> tuple[SweepSpec, Path]:
+    path = spec_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping (study, base, axes, seeds, scales)")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{path}: {field}: {msg}") from None
+    # Structure of every scale is checked even when only one is resolved.
+    _check_section(path, "", spec.base, spec.axes, spec.seeds)
+    for name_ in SCALES:
+        s: ScaleSpec = getattr(spec.scales, name_)
+        _check_section(path, f"scales.{name_}.", s.base, s.axes, s.seeds)
+    return spec, path
+
+
+def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: list[str] = ()) -> Plan:
+    """Resolve one scale (plus `--set key=value` overrides) into validated cells."""
+    s: ScaleSpec = getattr(spec.scales, scale)
+    base = deep_merge(_nest(spec.base), _nest(s.base))
+    axes = {**spec.axes, **s.axes}
+    seeds = list(s.seeds if s.seeds is not None else spec.seeds)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value (dotted keys reach nested fields)")
+        value = yaml.safe_load(raw) if raw else ""
+        if key == "seed":  # narrowing the replicates is the one use of --set seed
+            seeds = value if isinstance(value, list) else [value]
+            _check_values(f"--set {key}", seeds)
+            continue
+        _check_key(f"--set {key}", key, axis=key in axes)
+        if key in axes:  # narrowing an axis keeps the cells' identities (a sub-grid of the full sweep)
+            axes[key] = value if isinstance(value, list) else [value]
+            _check_values(f"--set {key}", axes[key])
+        else:
+            base = deep_merge(base, _nest({key: value}))
+    if "rollout_batches" not in base:
+        raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must be "
+                          "explicit); set it in base or in the scale")
+    experiment = f"{spec.study}/{scale}"
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for seed in seeds:
+        for combo in itertools.product(*axes.values()):
+            point = dict(zip(axes, combo))
+            raw_cfg = deep_merge(base, _nest(point))
+            raw_cfg.update(seed=seed, experiment=experiment)
+            label = " ".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())
+            cfg = build_config(raw_cfg, f"{path}: scales.{scale}: cell {label}")
+            digest = config_hash(cfg)
+            if digest in seen:
+                raise ConfigError(f"{path}: scales.{scale}: cells {seen[digest]!r} and {label!r} are the same job")
+            seen[digest] = label
+            cells.append(Cell(hash=digest, axes={**point, "seed": seed}, config=cfg))
+    # Longest jobs first within each seed: N workers finish the grid sooner than in grid order.
+    ordered = sorted(cells, key=lambda c: (seeds.index(c.axes["seed"]), -c.cost))
+    return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered)
+
+
+def pick_scale(scale: str) -> tuple[str, str]:
+    """`auto` -> paper on a CUDA machine, else proxy; returns (scale, why)."""
+    if scale != "auto":
+        return scale, "asked for"
+    import torch
+
+    if torch.cuda.is_available():
+        return "paper", f"auto: CUDA is available ({torch.cuda.device_count()} GPU)"
+    return "proxy", "auto: no CUDA device"
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def _check_section(path: Path, prefix: str, base: dict[str, Any], axes: dict[str, list[Any]],
+                   seeds: list[int] | None) -> None:
+    for key in _leaf_keys(base):
+        _check_key(f"{path}: {prefix}base.{key}", key, axis=False)
+    for key, values in axes.items():
+        _check_key(f"{path}: {prefix}axes.{key}", key, axis=True)
+        _check_values(f"{path}: {prefix}axes.{key}", values)
+    if seeds is not None:
+        _check_values(f"{path}: {prefix}seeds", seeds)
+
+
+def _check_key(where: str, key: str, axis: bool) -> None:
+    top, _, sub = key.partition(".")
+    if top not in JobConfig.model_fields:
+        raise ConfigError(f"{where}: not a job field; allowed: {', '.join(sorted(JobConfig.model_fields))}")
+    if top in SWEEP_MANAGED:
+        raise ConfigError(f"{where}: set by the sweep ({SWEEP_MANAGED[top]})")
+    if axis and top in NOT_AN_AXIS:
+        raise ConfigError(f"{where}: cannot be an axis ({NOT_AN_AXIS[top]})")
+    if not sub:
+        if axis and top in NESTED:
+            raise ConfigError(f"{where}: an axis is one field; use a dotted key such as {top}.<name>")
+        return
+    if top not in NESTED or "." in sub:
+        raise ConfigError(f"{where}: {top} has no sub-field {sub!r}")
+    model = NESTED[top]
+    if model is not None and sub not in model.model_fields:
+        raise ConfigError(f"{where}: not a {top} field; allowed: {', '.join(sorted(model.model_fields))}")
+
+
+def _check_values(where: str, values: list[Any]) -> None:
+    if not values:
+        raise ConfigError(f"{where}: needs at least one value")
+    seen = set()
+    for v in values:
+        if isinstance(v, (dict, list)):
+            raise ConfigError(f"{where}: values must be scalars, got {v!r}")
+        key = json.dumps(v, sort_keys=True)
+        if key in seen:
+            raise ConfigError(f"{where}: duplicate value {v!r}")
+        seen.add(key)
+
+
+def _leaf_keys(d: dict[str, Any]) -> list[str]:
+    """Dotted keys of a base mapping; only trl and proxy are sections (a dict-valued TRL knob stays whole)."""
+    out = []
+    for k, v in d.items():
+        if k in NESTED and isinstance(v, dict):
+            out += [f"{k}.{sub}" for sub in v] or [k]
+        else:
+            out.append(k)
+    return out
+
+
+def _nest(d: dict[str, Any]) -> dict[str, Any]:
+    """{'trl.learning_rate': 1e-5, 'proxy': {...}} -> nested mapping, as JobConfig takes it."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        top, dot, sub = k.partition(".")
+        piece = {top: {sub: v}} if dot else {k: v}
+        out = deep_merge(out, piece)
+    return out

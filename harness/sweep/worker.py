@@ -1,0 +1,253 @@
+"""A worker: pulls queued cells from the ledger and runs each as `python -m harness train` in a subprocess.
+
+Each attempt runs in its own session with its own log, a heartbeat thread keeps the attempt's claim fresh, and
+the job dies with the worker (Linux parent-death signal), so no job outlives the worker that answers for it.
+Exit code and result.json decide the outcome: 0 + status complete/diverged -> COMPLETE; 2 (bad config) ->
+failed, not retried; anything else -> failed, re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and
+SIGUSR2 (a scheduler's warning) stop the job gracefully and re-queue the cell without spending an attempt.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.sweep.ledger import (ATTEMPT, AXES, CELL, CONFIG, FINISHED_OK, HOST, PARENT_RUN, Ledger,
+                                  open_storage)
+
+log = logging.getLogger("harness.sweep.worker")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GRACE_S = 30.0  # how long a job gets to mark its MLflow run KILLED after SIGTERM before it is SIGKILLed
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """Everything a worker needs; picklable, so submitit can ship it to a SLURM (or local) job."""
+
+    storage: str
+    study: str
+    scale: str
+    results: str
+    name: str
+    poll_s: float = 2.0
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.study}/{self.scale}"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.results) / self.study / self.scale
+
+
+def attempt_log(sweep_dir: Path, cell: str, attempt: int) -> Path:
+    return sweep_dir / "jobs" / cell / f"attempt-{attempt}.log"
+
+
+def train_command() -> list[str]:
+    """`python -m harness train`, or $HARNESS_TRAIN_CMD (a wrapper such as `nice -n 10 python -m harness train`,
+    or a stand-in job in tests of the sweep machinery)."""
+    custom = os.environ.get("HARNESS_TRAIN_CMD")
+    return shlex.split(custom) if custom else [sys.executable, "-m", "harness", "train"]
+
+
+def run_worker(opts: WorkerOptions) -> int:
+    """Entry point of `python -m harness worker`, of local workers and of submitit jobs."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {opts.name} %(message)s", stream=sys.stdout)
+    os.environ["HARNESS_RESULTS"] = opts.results  # the job's results root and default MLflow store follow it
+    return Worker(opts).run()
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions):
+        self.opts = opts
+        self.ledger = Ledger(open_storage(opts.storage), opts.study_name, create=False)
+        self.stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("got %s: stopping after the current job is stopped", signal.Signals(signum).name)
+        self.stop.set()
+
+    def run(self) -> int:
+        log.info("worker %s on %s (pid %d) joined %s", self.opts.name, HOST, os.getpid(), self.opts.study_name)
+        while not self.stop.is_set():
+            trial = self.ledger.pop(self.opts.name, lambda t: attempt_log(
+                self.opts.sweep_dir, t.user_attrs[CELL], t.user_attrs[ATTEMPT]))
+            if trial is not None:
+                self.run_attempt(trial)
+                continue
+            # Idle: take over attempts of dead workers, leave once nothing can come back to the queue.
+            self.ledger.reap()
+            if self.ledger.settled():
+                break
+            self.stop.wait(self.opts.poll_s)
+        log.info("worker %s leaves (%s)", self.opts.name, "stopped" if self.stop.is_set() else "queue empty")
+        return 130 if self.stop.is_set() else 0
+
+    def run_attempt(self, trial: FrozenTrial) -> None:
+        cell, attempt = trial.user_attrs[CELL], int(trial.user_attrs[ATTEMPT])
+        job_dir = self.opts.sweep_dir / "jobs" / cell
+        job_dir.mkdir(parents=True, exist_ok=True)
+        cfg = {**trial.user_attrs[CONFIG], "output_dir": str(job_dir), "experiment": self.opts.study_name}
+        cfg_path, result_path = job_dir / "config.yaml", job_dir / "result.json"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        result_path.unlink(missing_ok=True)  # a previous attempt's result must not be read as this one's
+        cmd = [*train_command(), str(cfg_path),
+               "--tag", f"harness.study={self.opts.study}", "--tag", f"harness.scale={self.opts.scale}",
+               "--tag", f"harness.cell={cell}", "--tag", f"harness.attempt={attempt}",
+               "--result", str(result_path)]
+        parent = self.ledger.attr(PARENT_RUN)
+        if parent:
+            cmd += ["--parent-run-id", parent]
+        log_path = attempt_log(self.opts.sweep_dir, cell, attempt)
+        label = " ".join(f"{k}={v}" for k, v in trial.user_attrs[AXES].items())
+        log.info("cell %s attempt %d (%s): starting, log %s", cell, attempt, label, log_path)
+
+        t0 = time.time()
+        with open(log_path, "ab") as out:
+            out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=REPO_ROOT, env=job_env(), start_new_session=True,
+                                    preexec_fn=die_with_parent())
+        beat = Heartbeat(self.ledger, trial._trial_id, interval=min(10.0, self.ledger.stale_after / 4))
+        beat.start()
+        stopped_at: float | None = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if (self.stop.is_set() or beat.lost.is_set()) and stopped_at is None:
+                stopped_at = time.time()
+                _signal_group(proc, signal.SIGTERM)
+            elif stopped_at is not None and time.time() - stopped_at > GRACE_S:
+                _signal_group(proc, signal.SIGKILL)
+        beat.stop()
+        duration = round(time.time() - t0, 1)
+        if beat.lost.is_set():
+            log.warning("cell %s attempt %d was declared dead by another process; its job was stopped", cell, attempt)
+            return
+
+        result = _read_result(result_path)
+        base = {"exit_code": rc, "duration_s": duration, "log": str(log_path)}
+        if rc == 0 and result.get("status") in FINISHED_OK:
+            final = result.get("final") or {}
+            val = final.get("val/reward")
+            val = float(val) if isinstance(val, (int, float)) and math.isfinite(val) else None
+            outcome = {**base, "state": result["status"], "run_id": result.get("run_id"), "val_reward": val,
+                       "final": final, "wall_s": result.get("wall_s")}
+            settled = self.ledger.settle(trial._trial_id, TrialState.COMPLETE, outcome, val)
+        else:
+            if stopped_at is not None:  # stopped by us: not the job's fault, so it costs no attempt
+                outcome = {**base, "state": "interrupted", "error": "stopped by a signal to the worker"}
+            else:
+                outcome = {**base, "state": "failed", "error": _failure(rc, result, log_path), "retry": rc != 2}
+            # Queue the next attempt before settling this one: a crash in between leaves the cell queued.
+            if outcome.get("retry", True):
+                self.ledger.requeue(cell, settling=trial, failed=outcome["state"] == "failed")
+            settled = self.ledger.settle(trial._trial_id, TrialState.FAIL, outcome)
+        if not settled:
+            log.warning("cell %s attempt %d was settled by another process first", cell, attempt)
+        log.info("cell %s attempt %d (%s): %s in %.0fs%s", cell, attempt, label, outcome["state"], duration,
+                 f" ({outcome['error']})" if outcome.get("error") else "")
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the attempt's heartbeat; sets `lost` when the ledger says someone else settled the attempt."""
+
+    def __init__(self, ledger: Ledger, trial_id: int, interval: float):
+        super().__init__(daemon=True, name="heartbeat")
+        self.ledger, self.trial_id, self.interval = ledger, trial_id, interval
+        self.lost, self._done = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                self.ledger.heartbeat(self.trial_id)
+            except UpdateFinishedTrialError:
+                self.lost.set()
+                return
+            except Exception as e:  # a storage hiccup: the next beat may get through
+                log.warning("heartbeat failed: %s", e)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def job_env() -> dict[str, str]:
+    from harness import tracking
+
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()  # explicit, so the job and the sweep agree
+    env["PYTHONUNBUFFERED"] = "1"
+    if not env.get("CUDA_VISIBLE_DEVICES"):
+        # CPU jobs run side by side, one per core: extra BLAS/OpenMP threads would only contend.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """preexec_fn asking Linux to send `sig` to the child when this process dies (even by SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork and exec does the minimum
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _failure(rc: int, result: dict[str, Any], log_path: Path) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    if rc == 0:
+        return f"exit 0 but result.json says status {result.get('status')!r}"
+    last = ""
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        last = lines[-1].strip() if lines else ""
+    except OSError:
+        pass
+    return f"exit {rc}" + (f": {last[:300]}" if last else "")

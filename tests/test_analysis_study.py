@@ -1,0 +1,318 @@
+"""analysis end to end on a real MLflow sqlite store of synthetic runs whose curves (and verdicts) are known."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.patches import Rectangle
+from mlflow import MlflowClient
+from scipy import stats
+
+from analysis.bench import benchmark
+from analysis.cli import main
+from analysis.collapse import detect_collapse
+from analysis.errors import AnalysisError
+from analysis.figures import HATCH, curve_figure, curve_metrics, stable_regime_figure
+from analysis.load import LONG_COLUMNS, load_study
+from analysis.metrics import CURVES
+from analysis.summary import run_summaries
+from analysis.synthetic import log_run, sweep_parent
+from analysis.tables import cell_table
+
+R = 4  # rollout batches per run; val/reward at rollout batches 0..R
+STABLE = [0.2, 0.4, 0.5, 0.6, 0.6]
+STABLE1 = [0.2, 0.4, 0.5, 0.6, 0.7]
+COLLAPSE = [0.2, 0.6, 0.2, 0.1, 0.1]  # < 50% of peak 0.6 at rb 2, ends at 0.1 < 80% of 0.6
+DIP = [0.2, 0.6, 0.15, 0.5, 0.55]  # < 50% of peak at rb 2, but ends at 0.55 >= 80% of 0.6: not collapsed
+FAILED_VAL = [0.95] * 5  # failed/running attempts: must never show up in a number
+
+
+def metrics(k: int, val: list[float], *, steps: int | None = None, entropy: dict[int, float] | None = None,
+            loss: dict[int, float] | None = None, grad_norm: dict[int, float] | None = None,
+            drop: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
+    """Per-step metrics of a run with k optimizer steps per rollout batch; overrides replace single steps."""
+    s = range(1, (steps or R * k) + 1)
+    m = {
+        "reward": {i: 0.5 for i in s},
+        "entropy": {i: 0.5 for i in s} | (entropy or {}),
+        "loss": {i: 0.1 for i in s} | (loss or {}),
+        "clip_ratio/region_mean": {i: 0.01 * k for i in s},
+        "rollout_kl": {i: 0.001 * i for i in s},
+        "ratio/abs_dev_mean": {i: 0.02 for i in s},
+        "completions/mean_length": {i: 10.0 for i in s},
+        "grad_norm": {i: 1.0 for i in s} | (grad_norm or {}),
+        "grad_clipped": {i: float(i == 1) for i in s},
+        "rollout/steps_on_batch": {i: float(k) for i in s},
+        "val/reward": {rb * k: v for rb, v in enumerate(val)},
+    }
+    return {key: v for key, v in m.items() if key not in drop}
+
+
+# (objective, batch_ratio, iterations, seed, log_run kwargs, metrics kwargs)
+RUNS = [
+    ("grpo", 1, 1, 0, {"status": "failed", "attempt": 1}, {"val": FAILED_VAL}),
+    ("grpo", 1, 1, 0, {"attempt": 2}, {"val": STABLE}),
+    ("grpo", 1, 1, 0, {"status": "running", "attempt": 3}, {"val": FAILED_VAL}),
+    ("grpo", 1, 1, 1, {"status": "diverged", "tags": {"harness.diverged_at": "3",
+                                                      "harness.diverged_reason": "loss = nan"}},
+     {"val": STABLE[:4], "steps": 3}),
+    ("grpo", 1, 1, 2, {"status": "failed"}, {"val": FAILED_VAL}),
+    ("grpo", 1, 2, 0, {}, {"val": STABLE, "entropy": {3: 1.2, 4: 1.3, 5: 1.4, 6: 1.5, 7: 1.5, 8: 1.5}}),
+    ("grpo", 1, 2, 1, {}, {"val": STABLE1}),
+    ("grpo", 2, 1, 0, {}, {"val": STABLE}),
+    ("grpo", 2, 1, 1, {}, {"val": STABLE1}),
+    ("grpo", 2, 2, 0, {}, {"val": COLLAPSE}),
+    ("grpo", 2, 2, 1, {}, {"val": COLLAPSE, "loss": {2: float("nan")}}),
+    ("cfpo", 1, 1, 0, {}, {"val": STABLE}),
+    ("cfpo", 1, 1, 1, {}, {"val": STABLE1}),
+    ("cfpo", 1, 1, 2, {"status": "running"}, {"val": FAILED_VAL}),
+    ("cfpo", 1, 2, 0, {}, {"val": DIP}),
+    ("cfpo", 1, 2, 1, {}, {"val": STABLE1}),
+    ("cfpo", 2, 1, 0, {}, {"val": STABLE, "entropy": {4: 2.0, 6: 0.01, 7: 0.01}}),  # one-step spike, 2-step dip
+    ("cfpo", 2, 1, 1, {}, {"val": STABLE1, "entropy": {i: 0.01 for i in range(3, 9)}}),
+    ("cfpo", 2, 2, 0, {}, {"val": STABLE}),
+    ("cfpo", 2, 2, 1, {}, {"val": STABLE1, "grad_norm": {5: float("inf")}}),
+]
+# (objective, batch_ratio, iterations, seed) -> (step, rollout batch, words in the reason)
+COLLAPSED = {
+    ("grpo", 1, 1, 1): (3, 3.0, "diverged"),
+    ("grpo", 1, 2, 0): (3, 1.5, "entropy >"),
+    ("grpo", 2, 2, 0): (8, 2.0, "val reward"),
+    ("grpo", 2, 2, 1): (2, 0.5, "non-finite loss; val reward"),
+    ("cfpo", 2, 1, 1): (3, 1.5, "entropy <"),
+    ("cfpo", 2, 2, 1): (5, 1.25, "non-finite grad_norm"),
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """s/proxy (the study above), m/proxy (no grad_norm), f/proxy (failed only), c/proxy (one run still open)."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    ids: dict = {}
+    exp = client.create_experiment("s/proxy")
+    parent = sweep_parent(client, exp, "s", "proxy")
+    for objective, b, it, seed, run_kw, m_kw in RUNS:
+        run_id = log_run(client, exp, study="s", scale="proxy", objective=objective, batch_ratio=b, iterations=it,
+                         seed=seed, metrics=metrics(b * it, **m_kw), parent_run_id=parent, **run_kw)
+        ids[(objective, b, it, seed, run_kw.get("attempt", 1))] = run_id
+    exp_m = client.create_experiment("m/proxy")
+    for seed in (0, 1):
+        log_run(client, exp_m, study="m", scale="proxy", objective="grpo", batch_ratio=1, iterations=1, seed=seed,
+                metrics=metrics(1, STABLE, drop=("grad_norm",)))
+    exp_f = client.create_experiment("f/proxy")
+    log_run(client, exp_f, study="f", scale="proxy", objective="grpo", batch_ratio=1, iterations=1, seed=0,
+            metrics=metrics(1, STABLE), status="failed")
+    exp_c = client.create_experiment("c/proxy")
+    for seed, mlflow_status in [(0, None), (1, "RUNNING")]:  # seed 1: tagged complete, run not ended yet
+        ids[("c", seed)] = log_run(client, exp_c, study="c", scale="proxy", objective="cfpo", batch_ratio=1,
+                                   iterations=1, seed=seed, metrics=metrics(1, STABLE), mlflow_status=mlflow_status)
+    return {"uri": uri, "db": root / "mlflow.db", "ids": ids, "parent": parent}
+
+
+@pytest.fixture(scope="module")
+def data(store, tmp_path_factory):
+    return load_study("s", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def run_id(store, objective, b, it, seed, attempt=1) -> str:
+    return store["ids"][(objective, b, it, seed, attempt)]
+
+
+# ------------------------------------------------------------------------------------------------ load
+def test_long_table_holds_latest_usable_attempts(store, data):
+    assert list(data.long.columns) == LONG_COLUMNS
+    assert len(data.runs) == 16  # 2 objectives x 4 cells x 2 seeds
+    chosen = set(data.runs["run_id"])
+    assert run_id(store, "grpo", 1, 1, 0, attempt=2) in chosen  # not failed attempt 1, not running attempt 3
+    assert store["parent"] not in chosen
+    excluded = {(r.objective, r.status, r.run_id) for r in data.excluded.itertuples()}
+    assert excluded == {("grpo", "failed", run_id(store, "grpo", 1, 1, 2)),
+                        ("cfpo", "running", run_id(store, "cfpo", 1, 1, 2))}
+    assert not (data.metric("val/reward")["value"] >= 0.9).any()  # no value of a failed/running attempt got in
+    rows = data.long[data.long["run_id"] == run_id(store, "grpo", 2, 2, 0)]
+    np.testing.assert_allclose(rows["rollout_batch"], rows["step"] / 4)
+    val = rows[rows["metric"] == "val/reward"]
+    assert val["step"].tolist() == [0, 4, 8, 12, 16] and val["value"].tolist() == COLLAPSE
+
+
+def test_inf_and_nan_survive_the_store(store, data):
+    loss = data.metric("loss").set_index(["run_id", "step"])["value"]
+    assert np.isnan(loss[(run_id(store, "grpo", 2, 2, 1), 2)])
+    grad_norm = data.metric("grad_norm").set_index(["run_id", "step"])["value"]
+    assert grad_norm[(run_id(store, "cfpo", 2, 2, 1), 5)] == np.inf  # sqlite stores Inf as the largest float
+
+
+def test_second_load_reads_cache_not_mlflow(store, tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(store["db"], db)
+    uri, cache = f"sqlite:///{db}", tmp_path / "cache"
+    first = load_study("s", "proxy", tracking_uri=uri, cache_dir=cache)
+    assert (first.fetched_runs, first.cached_runs) == (16, 0)
+
+    def no_history(*args, **kwargs):
+        raise AssertionError("metric history read from MLflow for a cached run")
+
+    monkeypatch.setattr(MlflowClient, "get_metric_history", no_history)
+    second = load_study("s", "proxy", tracking_uri=uri, cache_dir=cache)
+    assert (second.fetched_runs, second.cached_runs) == (0, 16)
+    pd.testing.assert_frame_equal(first.long.reset_index(drop=True), second.long.reset_index(drop=True))
+
+    db.unlink()  # finished runs cannot change: the cache alone regenerates everything
+    third = load_study("s", "proxy", tracking_uri=uri, cache_dir=cache)
+    assert not db.exists() and third.source.startswith("cache")
+    pd.testing.assert_frame_equal(first.long.reset_index(drop=True), third.long.reset_index(drop=True))
+    pd.testing.assert_frame_equal(first.excluded, third.excluded)
+
+
+def test_open_run_is_loaded_but_not_cached(store, tmp_path):
+    first = load_study("c", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
+    assert len(first.runs) == 2 and first.fetched_runs == 2
+    second = load_study("c", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
+    assert (second.fetched_runs, second.cached_runs) == (1, 1)
+    assert not (tmp_path / "runs" / f"{store['ids'][('c', 1)]}.parquet").exists()
+
+
+def test_empty_study_and_missing_metric_errors(store, tmp_path):
+    with pytest.raises(AnalysisError, match="no MLflow experiment 'nosuch/proxy'"):
+        load_study("nosuch", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
+    with pytest.raises(AnalysisError, match="no complete or diverged runs"):
+        load_study("f", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
+    with pytest.raises(AnalysisError, match="no cached runs of 's/proxy'"):
+        load_study("s", "proxy", tracking_uri=f"sqlite:///{tmp_path / 'absent.db'}", cache_dir=tmp_path / "c")
+    m = load_study("m", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
+    with pytest.raises(AnalysisError, match="'grad_norm' was not logged by any of the 2 runs"):
+        m.require(["val/reward", "grad_norm"])
+
+
+# -------------------------------------------------------------------------------------------- collapse
+def test_collapse_flags_exactly_the_collapsed_runs(store, data):
+    verdicts = detect_collapse(data.long, data.runs).set_index("run_id")
+    expected = {run_id(store, *key, attempt=2 if key == ("grpo", 1, 1, 0) else 1): v for key, v in COLLAPSED.items()}
+    assert set(verdicts.index[verdicts["collapsed"]]) == set(expected)
+    for rid, (step, rb, reason) in expected.items():
+        assert verdicts.loc[rid, "step"] == step and verdicts.loc[rid, "rollout_batch"] == rb
+        assert verdicts.loc[rid, "reason"].startswith(reason.split(";")[0])
+        assert all(part.strip() in verdicts.loc[rid, "reason"] for part in reason.split(";"))
+    assert (verdicts.loc[~verdicts["collapsed"], "reason"] == "").all()
+
+
+# ---------------------------------------------------------------------------------------------- tables
+@pytest.fixture(scope="module")
+def table(data):
+    return cell_table(run_summaries(data.long, data.runs), detect_collapse(data.long, data.runs)).set_index(
+        ["batch_ratio", "iterations", "objective"])
+
+
+def test_table_values_equal_known_numbers(table):
+    row = table.loc[(2, 2, "grpo")]  # both seeds COLLAPSE: identical, so the interval is a point
+    assert row["seeds"] == 2 and row["collapsed_n"] == 2 and row["collapse_rbs"] == [0.5, 2.0]
+    assert row["final_val_mean"] == pytest.approx(0.1) and row["peak_val_mean"] == pytest.approx(0.6)
+    assert row["drop_from_peak_mean"] == pytest.approx(0.5)
+    assert row["auc_val_mean"] == pytest.approx((0.4 + 0.4 + 0.15 + 0.1) / 4)  # trapezoids / 4 rollout batches
+    assert row["final_val_lo"] == pytest.approx(0.1) and row["final_val_hi"] == pytest.approx(0.1)
+    assert row["below_start_rb"] == 3.0 and row["below_start_n"] == 2
+
+    row = table.loc[(1, 1, "cfpo")]  # STABLE and STABLE1
+    lo, hi = stats.t.interval(0.95, 1, loc=0.65, scale=stats.sem([0.6, 0.7]))
+    assert (row["final_val_mean"], row["final_val_lo"], row["final_val_hi"]) == pytest.approx((0.65, lo, hi))
+    assert row["auc_val_mean"] == pytest.approx((1.9 / 4 + 1.95 / 4) / 2)
+    assert row["drop_from_peak_mean"] == pytest.approx(0.0) and row["below_start_n"] == 0
+    assert row["max_rollout_kl"] == pytest.approx(0.004) and row["mean_clip_ratio"] == pytest.approx(0.01)
+    assert row["grad_clipped_frac"] == pytest.approx(0.25) and row["steps_on_batch"] == 1
+
+    row = table.loc[(1, 1, "grpo")]  # attempt 2 (STABLE) and the diverged seed that stopped at rollout batch 3
+    assert row["final_val_mean"] == pytest.approx(0.6)
+    assert row["auc_val_mean"] == pytest.approx((1.9 / 4 + 1.3 / 3) / 2)
+    assert row["max_rollout_kl"] == pytest.approx((0.004 + 0.003) / 2)
+    assert row["run_ids"] == sorted(row["run_ids"]) and len(row["run_ids"]) == 2
+
+    row = table.loc[(1, 2, "cfpo")]  # DIP falls below its start at rollout batch 2; STABLE1 never
+    assert row["below_start_rb"] == 2.0 and row["below_start_n"] == 1 and row["collapsed_n"] == 0
+    assert table.loc[(2, 2, "cfpo"), "steps_on_batch"] == 4 and table.loc[(2, 2, "cfpo"), "steps_configured"] == 4
+
+
+# --------------------------------------------------------------------------------------------- figures
+def test_curve_figures_have_grid_and_one_line_per_objective(data):
+    specs = curve_metrics(data)
+    assert [s.key for s in specs] == [c.key for c in CURVES if c.key != "kl"]  # no run logged kl
+    for spec in specs:
+        fig = curve_figure(data, spec)
+        assert len(fig.axes) == 4 and fig.axes[0].get_gridspec().get_geometry() == (2, 2)
+        assert "s (proxy scale)" in fig.get_suptitle() and fig.legends
+        for ax in fig.axes:
+            assert sorted(line.get_label() for line in ax.get_lines()) == ["cfpo", "grpo"]
+        assert fig.axes[2].get_xlabel() == "rollout batches" and fig.axes[0].get_ylabel() == spec.label
+    fig = curve_figure(data, "val/reward")
+    ax = fig.axes[0]  # batch ratio 1, iterations 1
+    assert ax.get_title() == "batch ratio 1, iterations 1"
+    grpo = next(line for line in ax.get_lines() if line.get_label() == "grpo")
+    np.testing.assert_allclose(grpo.get_xdata(), [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(grpo.get_ydata(), [0.2, 0.4, 0.5, 0.6, 0.6])  # failed/running attempts left out
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert colors == {line.get_label(): line.get_color() for line in curve_figure(data, "entropy").axes[3].get_lines()}
+
+
+def test_stable_regime_marks_collapsed_cells(table):
+    fig = stable_regime_figure(table.reset_index(), "s", "proxy")
+    panels = [ax for ax in fig.axes if ax.get_title()]  # colorbars have no title
+    assert len(panels) == 4
+    hatched = {ax.get_title(): sum(isinstance(p, Rectangle) and p.get_hatch() == HATCH for p in ax.patches)
+               for ax in panels}
+    assert hatched == {"grpo: final val reward": 3, "grpo: val reward AUC / length": 3,
+                       "cfpo: final val reward": 2, "cfpo: val reward AUC / length": 2}
+    image = panels[0].get_images()[0].get_array()
+    assert image.shape == (2, 2) and image[1, 1] == pytest.approx(0.1)  # grpo, batch ratio 2, iterations 2
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_figures_writes_everything(store, tmp_path, capsys):
+    assert main(["figures", "s", "--scale", "proxy", "--results-dir", str(tmp_path), "--tracking-uri",
+                 store["uri"]]) == 0
+    root = tmp_path / "s" / "proxy"
+    for stem in ["stable_regime"] + [c.slug for c in CURVES if c.key != "kl"]:
+        assert (root / "figures" / f"{stem}.png").stat().st_size > 0 and (root / "figures" / f"{stem}.pdf").exists()
+    assert not (root / "figures" / "ref_kl.png").exists()
+    tex = (root / "tables" / "val_reward.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex
+    readme = (root / "README.md").read_text()
+    assert "figures/stable_regime.png" in readme and "grpo** collapsed in 3 of 4 cells" in readme
+    for key, rid in store["ids"].items():
+        failed_attempt = key[:4] == ("grpo", 1, 1, 0) and key[4] != 2
+        if key[0] != "c" and not failed_attempt:
+            assert rid in readme, key  # chosen runs and excluded cells, by run id
+    assert run_id(store, "grpo", 1, 1, 0, attempt=1) not in readme
+    assert "16 runs (16 read from MLflow, 0 from cache)" in capsys.readouterr().out
+
+
+def test_cli_tables_only_and_errors(store, tmp_path, capsys):
+    common = ["--results-dir", str(tmp_path), "--tracking-uri", store["uri"]]
+    assert main(["tables", "m", *common]) == 0  # grad_norm is not needed for tables
+    assert (tmp_path / "m" / "proxy" / "tables" / "stability.md").exists()
+    assert not (tmp_path / "m" / "proxy" / "figures").exists()
+    capsys.readouterr()
+    for argv, message in [(["figures", "m"], "'grad_norm' was not logged"),
+                          (["figures", "nosuch"], "no MLflow experiment"),
+                          (["tables", "f"], "no complete or diverged runs"),
+                          (["tables", "s", "--rule", "val_drop=2"], "--rule val_drop")]:
+        assert main([*argv, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_default_tracking_uri(monkeypatch, tmp_path):
+    from analysis.layout import default_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert default_tracking_uri(tmp_path) == "http://mlflow:5000"
+
+
+def test_bench_times_cold_and_warm(store):
+    result = benchmark("c", "proxy", tracking_uri=store["uri"])
+    assert result.cold.fetched_runs == 2 and result.warm.cached_runs == 1  # the open run is never cached
+    assert result.ratio > 0 and "ratio cold/warm" in result.describe()

@@ -1,0 +1,119 @@
+"""analysis building blocks without MLflow: statistics, curve summaries, collapse rules, attempts, styles, tables."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from scipy import stats
+
+from analysis.collapse import CollapseRules, first_streak, judge_run, val_collapse_step
+from analysis.layout import missing_sqlite_file, study_paths
+from analysis.runs import RunInfo, choose_attempts
+from analysis.stats import mean_ci
+from analysis.style import OKABE_ITO, objective_order, objective_styles
+from analysis.summary import val_curve_stats
+from analysis.tables import latex, markdown
+
+
+def test_mean_ci_is_the_t_interval_and_absent_for_one_seed():
+    df = pd.DataFrame({"g": ["a"] * 3 + ["b"], "v": [1.0, 2.0, 4.0, 5.0]})
+    out = mean_ci(df, ["g"], "v").set_index("g")
+    lo, hi = stats.t.interval(0.95, 2, loc=7 / 3, scale=stats.sem([1.0, 2.0, 4.0]))
+    assert (out.loc["a", "n"], out.loc["a", "mean"]) == (3, pytest.approx(7 / 3))
+    assert (out.loc["a", "lo"], out.loc["a", "hi"]) == pytest.approx((lo, hi))
+    assert out.loc["b", "mean"] == 5.0 and np.isnan(out.loc["b", "lo"]) and np.isnan(out.loc["b", "hi"])
+
+
+def test_val_curve_stats():
+    rb = np.array([0.0, 1.0, 2.0, 4.0])
+    s = val_curve_stats(rb, np.array([0.5, 0.7, 0.4, 0.6]))
+    assert s["start_val"] == 0.5 and s["final_val"] == 0.6 and s["peak_val"] == 0.7
+    assert s["drop_from_peak"] == pytest.approx(0.1)
+    assert s["auc_val"] == pytest.approx((0.6 + 0.55 + 2 * 0.5) / 4)  # uneven spacing is respected
+    assert s["below_start_rb"] == 2.0
+    assert np.isnan(val_curve_stats(rb, np.array([0.5, 0.5, 0.6, 0.5]))["below_start_rb"])  # equal is not below
+    assert val_curve_stats(np.array([0.0]), np.array([0.3]))["auc_val"] == 0.3
+    assert np.isnan(val_curve_stats(np.array([]), np.array([]))["final_val"])
+
+
+def test_val_rule_needs_drop_and_no_recovery():
+    rules = CollapseRules()
+    steps = np.arange(5) * 10
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.2, 0.1, 0.1]), rules) == 20
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.2, 0.5, 0.55]), rules) is None  # back to >= 80%
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.35, 0.3, 0.3]), rules) is None  # never below 50%
+    loose = CollapseRules(val_drop=0.3)
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.35, 0.3, 0.3]), loose) == 20
+
+
+def test_entropy_rules_need_patience():
+    assert first_streak(np.arange(6), np.array([0, 1, 1, 0, 1, 1], bool), 2) == 1
+    assert first_streak(np.arange(6), np.array([0, 1, 0, 1, 0, 1], bool), 2) is None
+    curve = lambda v: {"entropy": pd.DataFrame({"step": np.arange(1, len(v) + 1), "value": v})}  # noqa: E731
+    rules = CollapseRules(entropy_patience=2)
+    assert not judge_run(curve([0.5, 1.1, 0.5, 0.04, 0.5]), "complete", 1, rules).collapsed
+    v = judge_run(curve([0.5, 1.1, 1.2, 0.5]), "complete", 2, rules)
+    assert (v.collapsed, v.step, v.rollout_batch) == (True, 2.0, 1.0) and v.reason.startswith("entropy >")
+    v = judge_run(curve([0.5, 0.04, 0.03]), "complete", 1, rules)
+    assert v.collapsed and v.reason.startswith("entropy <")
+
+
+def test_rules_can_be_switched_off_and_validate():
+    curves = {"loss": pd.DataFrame({"step": [1, 2, 3], "value": [0.1, np.nan, 0.1]}),
+              "grad_norm": pd.DataFrame({"step": [1, 2, 3], "value": [1.0, 1.0, -np.inf]})}
+    v = judge_run(curves, "diverged", 1, CollapseRules())
+    assert (v.step, v.reason) == (2, "non-finite loss; non-finite grad_norm; diverged (the harness stopped the run)")
+    v = judge_run(curves, "diverged", 2, CollapseRules(nonfinite=False), diverged_at=2)  # the harness's tag
+    assert (v.step, v.rollout_batch) == (2, 1.0)
+    assert judge_run(curves, "diverged", 1, CollapseRules(nonfinite=False)).step == 3  # else the last step
+    assert not judge_run(curves, "diverged", 1, CollapseRules(nonfinite=False, diverged_status=False)).collapsed
+    assert not judge_run({}, "complete", 1, CollapseRules()).collapsed  # no metrics: no rule can fire
+    with pytest.raises(ValidationError):
+        CollapseRules(val_drop=1.5)
+    with pytest.raises(ValidationError):
+        CollapseRules(entropy_flor=0.1)
+
+
+def _info(cell: str, attempt: int, status: str, **kw) -> RunInfo:
+    base = dict(run_id=f"{cell}-{attempt}", cell=cell, objective="grpo", batch_ratio=1, iterations=1, seed=0,
+                status=status, attempt=attempt, steps_per_rollout_batch=1, start_time=attempt,
+                mlflow_status="FINISHED")
+    return RunInfo(**(base | kw))
+
+
+def test_choose_latest_usable_attempt():
+    chosen, excluded = choose_attempts([
+        _info("a", 1, "complete"), _info("a", 2, "diverged"), _info("a", 3, "running", mlflow_status="RUNNING"),
+        _info("b", 1, "failed", mlflow_status="FAILED"), _info("b", 2, "running", mlflow_status="RUNNING"),
+    ])
+    assert [i.run_id for i in chosen] == ["a-2"] and [i.run_id for i in excluded] == ["b-2"]
+    assert chosen[0].final and not excluded[0].final
+    assert not _info("c", 1, "complete", mlflow_status="RUNNING").final  # still open: not cacheable
+
+
+def test_objective_styles_are_fixed_and_distinct():
+    styles = objective_styles(["zeta", "cfpo", "grpo", "alpha"])
+    assert objective_order(styles) == ["grpo", "cfpo", "alpha", "zeta"]
+    assert styles["grpo"]["color"] == objective_styles(["grpo"])["grpo"]["color"] == OKABE_ITO[0]
+    assert len({s["color"] for s in styles.values()}) == 4
+    assert all(s["color"] in OKABE_ITO for s in styles.values())
+
+
+def test_markdown_and_booktabs_latex():
+    df = pd.DataFrame({"batch ratio": [1], "iterations": [2], "objective": ["a_b"], "x": ["5% | y"]})
+    md = markdown(df).splitlines()
+    assert md[0] == "| batch ratio | iterations | objective | x |" and md[2] == "| 1 | 2 | a_b | 5% \\| y |"
+    tex = latex(df, "cap", "tab:x")
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert "a\\_b" in tex and "5\\% | y" in tex and "\\caption{cap}" in tex
+
+
+def test_layout(tmp_path):
+    p = study_paths(tmp_path, "s", "proxy")
+    assert p.cache == tmp_path / "s/proxy/cache" and p.readme == tmp_path / "s/proxy/README.md"
+    assert study_paths(tmp_path, "s", "proxy", cache_dir=tmp_path / "c").cache == tmp_path / "c"
+    assert missing_sqlite_file(f"sqlite:///{tmp_path / 'x.db'}") == tmp_path / "x.db"
+    (tmp_path / "x.db").touch()
+    assert missing_sqlite_file(f"sqlite:///{tmp_path / 'x.db'}") is None
+    assert missing_sqlite_file("http://mlflow:5000") is None

@@ -1,0 +1,162 @@
+"""Sweep spec: grid enumeration, cell identity, scales and --set, and bad specs (exit 2, nothing written)."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.config import ConfigError, build_config, config_hash
+from harness.sweep.spec import load_spec, make_plan, pick_scale
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "study": "tiny",
+    "base": {"model": "proxy", "task": "chain-sum", "generation_batch_size": 16, "val_prompts": 8,
+             "trl": {"num_generations": 4, "per_device_train_batch_size": 8}},
+    "axes": {"objective": ["grpo", "cfpo"], "batch_ratio": [1, 2]},
+    "seeds": [0, 1],
+    "scales": {"paper": {"base": {"rollout_batches": 50, "model": "some/hub-model", "task": "gsm8k"}},
+               "proxy": {"base": {"rollout_batches": 2}, "axes": {"iterations": [1, 2]}, "seeds": [0]}},
+}
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_repo_spec_proxy_grid():
+    spec, path = load_spec("grpo-vs-cfpo")
+    plan = make_plan(spec, path, "proxy")
+    assert plan.experiment == "grpo-vs-cfpo/proxy"
+    assert len(plan.cells) == 2 * 2 * 2 * 1  # objective x batch_ratio [1,4] x iterations [1,4] x 1 seed
+    assert {c.config.rollout_batches for c in plan.cells} == {40}  # one budget: cells differ only in reuse
+    assert all(c.config.experiment == "grpo-vs-cfpo/proxy" for c in plan.cells)
+    # The paper scale has the full 4x4 grid; its task may not be registered on this machine yet.
+    assert spec.scales.paper.base["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert len(spec.axes["batch_ratio"]) * len(spec.axes["iterations"]) == 16
+
+
+def test_grid_hashes_are_config_hashes(tmp_path):
+    spec, path = load_spec(str(write_spec(tmp_path, TINY)))
+    plan = make_plan(spec, path, "proxy")
+    assert len(plan.cells) == 2 * 2 * 2  # objective x batch_ratio x iterations (scale axis added), seed [0]
+    assert len({c.hash for c in plan.cells}) == len(plan.cells)
+    for c in plan.cells:
+        assert c.hash == config_hash(build_config(c.config.model_dump()))
+        assert {k: getattr(c.config, k) for k in ("objective", "batch_ratio", "iterations", "seed")} == c.axes
+    # Longest cells first (within a seed): more reuse, more optimizer steps.
+    costs = [c.cost for c in plan.cells]
+    assert costs == sorted(costs, reverse=True)
+    # Identity does not depend on where results go or on the experiment name, and is stable across loads.
+    again = make_plan(*load_spec(str(path)), "proxy")
+    assert [c.hash for c in again.cells] == [c.hash for c in plan.cells]
+
+
+def test_set_narrows_axes_and_overrides_base(tmp_path):
+    spec, path = load_spec(str(write_spec(tmp_path, TINY)))
+    full = {c.hash for c in make_plan(spec, path, "proxy").cells}
+    plan = make_plan(spec, path, "proxy", ["batch_ratio=1", "iterations=[1]"])
+    assert len(plan.cells) == 2 and {c.hash for c in plan.cells} <= full  # a sub-grid keeps identities
+    plan = make_plan(spec, path, "proxy", ["rollout_batches=3", "trl.learning_rate=1e-5", "seed=[4,5]"])
+    assert {c.config.rollout_batches for c in plan.cells} == {3}
+    assert {c.config.trl["learning_rate"] for c in plan.cells} == {1e-5}
+    assert {c.axes["seed"] for c in plan.cells} == {4, 5}
+
+
+def test_scale_auto(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_scale("auto")[0] == "proxy"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_scale("auto")[0] == "paper"
+    assert pick_scale("proxy")[0] == "proxy"
+
+
+def _bad(spec: dict, **edits) -> dict:
+    out = yaml.safe_load(yaml.safe_dump(spec))
+    for dotted, value in edits.items():
+        node = out
+        *parents, leaf = dotted.split("/")
+        for p in parents:
+            node = node[p]
+        if value is ...:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return out
+
+
+BAD = [
+    ("unknown top-level key", _bad(TINY, colour="red"), "colour: unknown field"),
+    ("unknown scale", _bad(TINY, **{"scales/huge": {}}), "scales.huge: unknown field"),
+    ("unknown job field in base", _bad(TINY, **{"base/learning_rate": 1e-5}), "base.learning_rate: not a job field"),
+    ("unknown proxy field", _bad(TINY, **{"base/proxy": {"width": 3}}), "base.proxy.width: not a proxy field"),
+    ("unknown axis", _bad(TINY, **{"axes/batch_rato": [1]}), "axes.batch_rato: not a job field"),
+    ("axis not a list", _bad(TINY, **{"axes/batch_ratio": 4}), "axes.batch_ratio: Input should be a valid list"),
+    ("empty axis", _bad(TINY, **{"axes/batch_ratio": []}), "axes.batch_ratio: needs at least one value"),
+    ("duplicate axis value", _bad(TINY, **{"axes/batch_ratio": [1, 2, 1]}), "axes.batch_ratio: duplicate value 1"),
+    ("duplicate seed", _bad(TINY, seeds=[0, 0]), "seeds: duplicate value 0"),
+    ("seed as a string", _bad(TINY, seeds=["a"]), "seeds.0"),
+    ("budget as an axis", _bad(TINY, **{"axes/rollout_batches": [1, 2]}), "axes.rollout_batches: cannot be an axis"),
+    ("managed field", _bad(TINY, **{"base/output_dir": "x"}), "base.output_dir: set by the sweep"),
+    ("no budget", _bad(TINY, **{"scales/proxy/base": {}}), "rollout_batches: required"),
+    ("wrong type", _bad(TINY, **{"axes/batch_ratio": [1, "two"]}), "batch_ratio: Input should be a valid integer"),
+    ("impossible combination", _bad(TINY, **{"axes/batch_ratio": [1, 3]}),
+     "generation_batch_size=16 must be divisible by batch_ratio=3"),
+    ("unknown objective", _bad(TINY, **{"axes/objective": ["grpo", "ppo"]}), "objective: unknown objective 'ppo'"),
+    ("not a GRPOConfig knob", _bad(TINY, **{"base/trl/lr": 1}), "trl.lr is not a GRPOConfig field"),
+]
+
+
+@pytest.mark.parametrize("case,spec,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_spec_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, case, spec, message):
+    results = tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{results}/mlflow.db")
+    path = write_spec(tmp_path, spec)
+    assert main(["sweep", str(path), "--scale", "proxy", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and message in err, err
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "nope=1"], "--set nope: not a job field"),
+    (["--set", "batch_ratio=[]"], "--set batch_ratio: needs at least one value"),
+    (["--set", "generation_batch_size=10"], "must be divisible"),
+    (["--max-attempts", "0"], "--max-attempts 0"),
+    (["--storage", "sqlite:///x.db"], "SQLite storage"),
+])
+def test_bad_options_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    results = tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results))
+    path = write_spec(tmp_path, TINY)
+    assert main(["sweep", str(path), "--scale", "proxy", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not results.exists()
+
+
+def test_not_yaml_and_missing(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("study: [unclosed\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(str(bad))
+    assert main(["sweep", "no-such-sweep", "--scale", "proxy"]) == 2
+    assert "no such sweep" in capsys.readouterr().err
+
+
+def test_status_and_worker_need_an_existing_ledger(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
+    path = write_spec(tmp_path, TINY)
+    for cmd in ("status", "worker"):
+        assert main([cmd, str(path), "--scale", "proxy"]) == 2
+        assert "no ledger" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
