@@ -1,8 +1,16 @@
-"""`python -m analysis figures|tables|bench ...`; bad input is one line on stderr and exit code 2."""
+"""`python -m analysis figures|tables|bench ...`; bad input is one line on stderr and exit code 2.
+
+    python -m analysis figures NAME [--scale proxy] [--results-dir results] [--tracking-uri URI]
+                                    [--cache-dir DIR] [--offline] [--rule KEY=VALUE ...]
+        figures, tables and README.md under RESULTS_DIR/NAME/SCALE/
+    python -m analysis tables NAME ...   tables only
+    python -m analysis bench [NAME] ...  cold-store vs warm-cache regeneration time (synthetic study by default)
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -28,7 +36,9 @@ def _rules(items: list[str]) -> CollapseRules:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="proxy", help="scale of the study (proxy | paper); experiment NAME/SCALE")
-    p.add_argument("--results-dir", default="results", help="outputs go to RESULTS_DIR/NAME/SCALE/ (default results)")
+    # Same root as the harness (harness.tracking.results_root), so both find the same sqlite store by default.
+    p.add_argument("--results-dir", default=os.environ.get("HARNESS_RESULTS", "results"),
+                   help="outputs go to RESULTS_DIR/NAME/SCALE/ (default: $HARNESS_RESULTS, else results)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS_DIR/mlflow.db)")
 

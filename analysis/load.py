@@ -75,10 +75,10 @@ def load_study(study: str, scale: str, *, tracking_uri: str, cache_dir: str | Pa
     keys = set(keys)
     cache = RunCache(cache_dir)
     name = experiment_name(study, scale)
-    if offline is None:
-        offline = missing_sqlite_file(tracking_uri) is not None
-    if offline:
-        return _from_cache(study, scale, cache, keys)
+    missing = missing_sqlite_file(tracking_uri)
+    if offline or (offline is None and missing is not None):
+        why = "offline (MLflow not read)" if offline else f"no MLflow store at {missing}"
+        return _from_cache(study, scale, cache, keys, why)
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
@@ -106,12 +106,11 @@ def load_study(study: str, scale: str, *, tracking_uri: str, cache_dir: str | Pa
     return _study(study, scale, frames, chosen, excluded, tracking_uri, fetched, cached)
 
 
-def _from_cache(study: str, scale: str, cache: RunCache, keys: set[str]) -> StudyData:
+def _from_cache(study: str, scale: str, cache: RunCache, keys: set[str], why: str) -> StudyData:
     name = experiment_name(study, scale)
     entries = cache.entries(name)
     if not entries:
-        raise AnalysisError(f"no cached runs of {name!r} in {cache.folder}, and MLflow was not read (no store, "
-                            "or --offline)")
+        raise AnalysisError(f"{why}, and no cached runs of {name!r} in {cache.folder}")
     # The cache holds finished runs only, so each cell's latest cached attempt is its latest usable one
     # as of the last load that reached MLflow.
     chosen, _ = choose_attempts([e.info for e in entries])

@@ -54,13 +54,13 @@ class GreedyValidation(TrainerCallback):
     """Greedy accuracy on held-out prompts before training, every `every_steps` steps, and at the end."""
 
     def __init__(self, logger: RunLogger, task: Task, rows: list[Row], every_steps: int, max_new_tokens: int,
-                 guard: DivergenceGuard):
-        self.logger, self.task, self.rows = logger, task, rows
+                 guard: DivergenceGuard, chat: bool = False):
+        self.logger, self.task, self.rows, self.chat = logger, task, rows, chat
         self.every_steps, self.max_new_tokens, self.guard = every_steps, max_new_tokens, guard
         self.history: list[tuple[int, float]] = []
 
     def _evaluate(self, step: int, model, tokenizer) -> None:
-        acc = greedy_accuracy(model, tokenizer, self.task, self.rows, self.max_new_tokens)
+        acc = greedy_accuracy(model, tokenizer, self.task, self.rows, self.max_new_tokens, chat=self.chat)
         self.history.append((step, acc))
         self.logger.log_metrics({"val/reward": acc}, step=step)
         log.info("step %d: val/reward %.4f", step, acc)

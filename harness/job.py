@@ -135,15 +135,17 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    chat = cfg.model != "proxy" and tokenizer.chat_template is not None  # real models: their chat template
     guard = DivergenceGuard()
     metrics = MLflowMetrics(logger, args.max_grad_norm)
     validation = GreedyValidation(logger, task, task.val_rows(cfg.val_prompts),
                                   every_steps=cfg.eval_every * shape.optimizer_steps_per_rollout_batch,
-                                  max_new_tokens=args.max_completion_length, guard=guard)
+                                  max_new_tokens=args.max_completion_length, guard=guard, chat=chat)
     trainer = HarnessGRPOTrainer(model=model_path, processing_class=tokenizer,
                                  reward_funcs=task.reward_func(tokenizer.eos_token_id), args=args,
-                                 train_dataset=task.train_dataset(cfg.train_prompts, cfg.seed),
+                                 train_dataset=task.train_dataset(cfg.train_prompts, cfg.seed, chat),
                                  callbacks=[metrics, guard, validation], objective=objective)
+    t0 = time.perf_counter()
     try:
         trainer.train()
     except RuntimeError as e:
@@ -152,6 +154,7 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
             raise
         guard.diverged_at, guard.reason = trainer.state.global_step, f"sampling failed: {e}"
 
+    train_s = time.perf_counter() - t0
     if cfg.save_model:
         trainer.save_model(str(Path(cfg.output_dir) / "model"))
     steps_per_batch = trainer.finish_rollout_accounting()
@@ -170,7 +173,7 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
     if validation.history:
         final["val/reward"] = validation.history[-1][1]
         final["val/reward_initial"] = validation.history[0][1]
-    return {"status": status, "steps": trainer.state.global_step, "final": final,
+    return {"status": status, "steps": trainer.state.global_step, "train_s": round(train_s, 3), "final": final,
             "steps_per_rollout_batch": steps_per_batch, "steps_per_rollout_batch_expected": expected,
             "diverged_at": guard.diverged_at}
 

@@ -49,9 +49,11 @@ class Task:
         """1.0 for a correct, complete answer, else 0.0."""
         raise NotImplementedError
 
-    def train_dataset(self, n: int, seed: int) -> Dataset:
+    def train_dataset(self, n: int, seed: int, chat: bool = False) -> Dataset:
+        """chat: prompts as a user message, so TRL applies the model's chat template."""
         rows = self.train_rows(n, seed)
-        return Dataset.from_dict({"prompt": [r.prompt for r in rows], "answer": [r.answer for r in rows]})
+        prompts = [[{"role": "user", "content": r.prompt}] if chat else r.prompt for r in rows]
+        return Dataset.from_dict({"prompt": prompts, "answer": [r.answer for r in rows]})
 
     def reward_func(self, eos_token_id: int | None):
         """A TRL reward function; a completion that never emitted EOS (truncated) scores 0."""
@@ -115,3 +117,6 @@ class ChainSum(Task):
     def score(self, completion: str, answer: str) -> float:
         head, sep, final = completion.strip().rpartition(";")
         return float(bool(sep) and final == answer)
+
+
+import harness.tasks_reasoning  # noqa: E402,F401  (registers gsm8k and math)

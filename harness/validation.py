@@ -8,7 +8,8 @@ from harness.tasks import Row, Task
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, task: Task, rows: list[Row], max_new_tokens: int,
-                    batch_size: int = 256) -> float:
+                    batch_size: int = 256, chat: bool = False) -> float:
+    """chat: wrap prompts in the model's chat template, as TRL does for conversational prompts."""
     was_training = model.training
     model.eval()
     correct = 0.0
@@ -17,7 +18,13 @@ def greedy_accuracy(model, tokenizer, task: Task, rows: list[Row], max_new_token
     try:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
-            enc = tokenizer([r.prompt for r in chunk], return_tensors="pt", padding=True).to(model.device)
+            if chat:
+                texts = [tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+                                                       add_generation_prompt=True) for r in chunk]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            else:
+                enc = tokenizer([r.prompt for r in chunk], return_tensors="pt", padding=True)
+            enc = enc.to(model.device)
             out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             completions = out[:, enc["input_ids"].shape[1]:]

@@ -181,7 +181,7 @@ def test_empty_study_and_missing_metric_errors(store, tmp_path):
         load_study("nosuch", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
     with pytest.raises(AnalysisError, match="no complete or diverged runs"):
         load_study("f", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
-    with pytest.raises(AnalysisError, match="no cached runs of 's/proxy'"):
+    with pytest.raises(AnalysisError, match="no MLflow store at .*absent.db, and no cached runs of 's/proxy'"):
         load_study("s", "proxy", tracking_uri=f"sqlite:///{tmp_path / 'absent.db'}", cache_dir=tmp_path / "c")
     m = load_study("m", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
     with pytest.raises(AnalysisError, match="'grad_norm' was not logged by any of the 2 runs"):
