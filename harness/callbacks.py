@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 import math
 
+from rich.console import Console
 from transformers import TrainerCallback
 
+from harness.progress import interactive
 from harness.tasks import Row, Task
 from harness.tracking import RunLogger
 from harness.validation import greedy_accuracy
@@ -75,3 +77,37 @@ class GreedyValidation(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.history[-1][0] != state.global_step and self.guard.diverged_at is None:
             self._evaluate(state.global_step, model, processing_class)
+
+
+class ProgressReport(TrainerCallback):
+    """Where the job is: a progress bar on a terminal, else one compact log line per rollout batch
+    (replaces HF's PrinterCallback, which prints every metric of every step)."""
+
+    def __init__(self, steps_per_rollout_batch: int):
+        self.k = steps_per_rollout_batch
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if interactive():
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task_id = self.bar.add_task("training", total=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:  # the end-of-training summary
+            return
+        batch, total = -(-state.global_step // self.k), -(-state.max_steps // self.k)
+        summary = f"step {state.global_step}/{state.max_steps} rollout batch {batch}/{total}"
+        if "reward" in logs:
+            summary += f" reward {logs['reward']:.3f}"
+        if self.bar is not None:
+            self.bar.update(self.task_id, completed=state.global_step, description=summary)
+        elif state.global_step % self.k == 0:
+            log.info("%s loss %.4g grad_norm %.3g", summary, logs["loss"], logs.get("grad_norm", float("nan")))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()

@@ -118,7 +118,9 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
 
 
 def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> dict[str, Any]:
-    from harness.callbacks import DivergenceGuard, GreedyValidation, MLflowMetrics
+    from transformers import PrinterCallback
+
+    from harness.callbacks import DivergenceGuard, GreedyValidation, MLflowMetrics, ProgressReport
     from harness.trainer import HarnessGRPOTrainer
     from harness.tracking import cache_root
 
@@ -144,7 +146,10 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
     trainer = HarnessGRPOTrainer(model=model_path, processing_class=tokenizer,
                                  reward_funcs=task.reward_func(tokenizer.eos_token_id), args=args,
                                  train_dataset=task.train_dataset(cfg.train_prompts, cfg.seed, chat),
-                                 callbacks=[metrics, guard, validation], objective=objective)
+                                 callbacks=[metrics, guard, validation,
+                                            ProgressReport(shape.optimizer_steps_per_rollout_batch)],
+                                 objective=objective)
+    trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
     try:
         trainer.train()
