@@ -71,7 +71,8 @@ def curve_figure(data: StudyData, metric: str | CurveMetric) -> Figure:
                 ax.set_xlabel("rollout batches")
             if c == 0:
                 ax.set_ylabel(spec.label)
-    fig.suptitle(f"{spec.label}: {data.study} ({data.scale} scale), mean over seeds, {LEVEL:.0%} t-interval")
+    fig.suptitle(f"{spec.label}: {data.study} ({data.scale} scale)\nmean over seeds, {LEVEL:.0%} t-interval",
+                 fontsize=10)
     _legend(fig, styles)
     return fig
 
@@ -111,7 +112,8 @@ def stable_regime_figure(table: pd.DataFrame, study: str, scale: str) -> Figure:
             ax.set_ylabel("batch ratio")
             ax.set_title(f"{objective}: {label}", fontsize=10)
         fig.colorbar(im, ax=axes[:, c], label=label, shrink=0.8)
-    fig.suptitle(f"Stable regime: {study} ({scale} scale), mean over seeds; hatched = collapsed seeds (k/n)")
+    fig.suptitle(f"Stable regime: {study} ({scale} scale)\nmean over seeds; hatched = collapsed seeds (k/n)",
+                 fontsize=10)
     return fig
 
 

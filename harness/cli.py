@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from harness.config import ConfigError
+from harness.sweep.cli import add_sweep_commands
 
 
 def _kv(item: str) -> tuple[str, str]:
@@ -38,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--result", default=None, help="where to write result.json (default: output_dir)")
     train.set_defaults(func=_train)
 
-    try:
-        from harness.sweep.cli import add_sweep_commands
-    except ImportError:  # pragma: no cover - the sweep package is optional while it is being built
-        pass
-    else:
-        add_sweep_commands(sub)
+    add_sweep_commands(sub)
     return parser
 
 

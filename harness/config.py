@@ -248,6 +248,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
 
 
 def config_hash(cfg: JobConfig) -> str:
-    """Stable hash of everything that changes what a job computes (output_dir and experiment excluded)."""
-    d = cfg.model_dump(mode="json", exclude={"output_dir", "experiment"})
+    """Stable hash of everything that changes what a job computes (where it logs and writes excluded; the
+    proxy section only counts for proxy jobs)."""
+    exclude = {"output_dir", "experiment", "torch_threads"} | ({"proxy"} if cfg.model != "proxy" else set())
+    d = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -5,6 +5,8 @@ can hang, fail, or create an MLflow run like the real job. The driver, the worke
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import signal
@@ -16,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
+from harness.cli import main
 from harness.sweep.ledger import Ledger, open_storage, pid_alive
 from harness.sweep.spec import load_spec, make_plan
 
@@ -39,6 +43,7 @@ def note(*what):
     with open(os.environ["FAKE_LOG"], "a") as f:
         f.write(" ".join(map(str, [*what, cell, attempt, os.getpid(), os.getppid()])) + "\n")
 note("start")
+note("env", os.environ.get("CUDA_VISIBLE_DEVICES", "-"), os.environ.get("OMP_NUM_THREADS", "-"))
 run_id = "none"
 if os.environ.get("FAKE_MLFLOW"):
     from mlflow.tracking import MlflowClient
@@ -69,14 +74,14 @@ SPEC = {
 class Sweep:
     """A tiny sweep in a tmp dir: spec, results root, MLflow store, stand-in job, shared job log."""
 
-    def __init__(self, tmp: Path, study: str, seeds: list[int] = (0,)):
+    def __init__(self, tmp: Path, uri: str, study: str, seeds: list[int] = (0,)):
         self.tmp, self.study = tmp, study
         self.spec = tmp / "spec.yaml"
         self.spec.write_text(yaml.safe_dump({"study": study, **SPEC, "seeds": list(seeds)}))
         self.results = tmp / "results"
         self.log = tmp / "jobs.log"
         (tmp / "fake_job.py").write_text(FAKE_JOB)
-        self.uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        self.uri = uri  # one store for the module (each test has its own study, so its own experiment)
         self.env = {**os.environ, "HARNESS_RESULTS": str(self.results), "MLFLOW_TRACKING_URI": self.uri,
                     "HARNESS_TRAIN_CMD": f"{sys.executable} {tmp / 'fake_job.py'}", "FAKE_LOG": str(self.log)}
         self.cells = [c.hash for c in make_plan(*load_spec(str(self.spec)), "proxy").cells]
@@ -85,10 +90,15 @@ class Sweep:
         return subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(self.spec), "--scale", "proxy", *args],
                                 env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def run(self, *args: str, timeout: float = 90, **env: str) -> tuple[int, str]:
-        p = self.start(*args, **env)
-        out, _ = p.communicate(timeout=timeout)
-        return p.returncode, out
+    def run(self, *args: str, **env: str) -> tuple[int, str]:
+        """The driver in this process (its imports are paid once per module); workers are still processes."""
+        keys = {k: v for k, v in {**self.env, **env}.items() if os.environ.get(k) != v}
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+            for k, v in keys.items():
+                mp.setenv(k, v)
+            rc = main(["sweep", str(self.spec), "--scale", "proxy", *args])
+        return rc, out.getvalue()
 
     def events(self, kind: str) -> list[list[str]]:
         if not self.log.exists():
@@ -115,28 +125,36 @@ class Sweep:
         return {h: sum(1 for e in self.events("done") if e[0] == h) for h in self.cells}
 
 
-def test_two_workers_run_each_cell_exactly_once(tmp_path):
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_two_workers_run_each_cell_exactly_once(tmp_path, uri):
     """The driver's local worker and a worker joining with `python -m harness worker` share one queue."""
-    s = Sweep(tmp_path, "two", seeds=[0, 1])
+    s = Sweep(tmp_path, uri, "two", seeds=[0, 1])
     driver = s.start("--workers", "1", FAKE_SLEEP="0.7")
-    for line in driver.stdout:  # the joining worker needs the ledger the driver creates
-        if line.startswith("sweep two/proxy:"):
-            break
+    s.wait_for("start", s.cells[0])  # the driver's worker is at work: the queue exists and is shared from now
     joiner = subprocess.run([sys.executable, "-m", "harness", "worker", str(s.spec), "--scale", "proxy",
                              "--name", "joiner"], env={**s.env, "FAKE_SLEEP": "0.7"}, capture_output=True,
                             text=True, timeout=90)
-    out = driver.stdout.read()
-    assert driver.wait(timeout=90) == 0, out
+    out, _ = driver.communicate(timeout=90)
+    assert driver.returncode == 0, out
     assert joiner.returncode == 0, joiner.stdout + joiner.stderr
     assert s.done_counts() == {h: 1 for h in s.cells}
     assert len(s.events("start")) == len(s.cells) == 8
     assert s.states() == {h: ("complete", 1) for h in s.cells}
     workers = {c.worker for c in s.ledger().cells()}
     assert "joiner" in workers and len(workers) == 2, workers
+    out = subprocess.run([sys.executable, "-m", "harness", "status", str(s.spec)], env=s.env, capture_output=True,
+                         text=True, timeout=60).stdout
+    for h in s.cells:
+        assert re.search(rf"{h} .*complete .* 1 .* 0\.500", out), out
+    assert "8 complete" in out
 
 
-def test_sigkill_worker_mid_cell_reruns_it_once(tmp_path):
-    s = Sweep(tmp_path, "kill")
+def test_sigkill_worker_mid_cell_reruns_it_once(tmp_path, uri):
+    s = Sweep(tmp_path, uri, "kill")
     hang = s.cells[0]
     driver = s.start("--workers", "2", FAKE_HANG=hang, FAKE_MLFLOW="1")
     _, _, job_pid, worker_pid = s.wait_for("start", hang)
@@ -149,7 +167,8 @@ def test_sigkill_worker_mid_cell_reruns_it_once(tmp_path):
     assert s.done_counts() == {h: 1 for h in s.cells}
     assert s.states() == {h: ("complete", 2 if h == hang else 1) for h in s.cells}
     trials = [t for t in s.ledger().trials() if t.user_attrs["harness.cell"] == hang]
-    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and "is gone" in trials[0].user_attrs["harness.reaped"]
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "is gone" in trials[0].user_attrs["harness.reaped"]
     # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is KILLED, every attempt nests under the sweep.
     client = MlflowClient(s.uri)
     exp = client.get_experiment_by_name("kill/proxy").experiment_id
@@ -164,8 +183,30 @@ def test_sigkill_worker_mid_cell_reruns_it_once(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in children.values())
 
 
-def test_failed_cells_retry_up_to_the_limit_then_on_request(tmp_path):
-    s = Sweep(tmp_path, "retry")
+def test_worker_whose_attempt_was_reaped_stops_its_job(tmp_path, uri):
+    """A worker cut off from the ledger for longer than --stale-after loses its claim and must stop its job."""
+    s = Sweep(tmp_path, uri, "lost")
+    hang = s.cells[0]
+    driver = s.start("--workers", "1", "--stale-after", "2", FAKE_HANG=hang)
+    _, _, job_pid, _ = s.wait_for("start", hang)
+    ledger = s.ledger()
+    for _ in range(50):  # act as a reaper on another machine that has not heard from the worker
+        t = next(t for t in ledger.trials(tuple(TrialState)) if t.user_attrs["harness.cell"] == hang)
+        if t.state != TrialState.RUNNING:
+            break
+        ledger.storage.set_trial_user_attr(t._trial_id, "harness.owner", {**t.user_attrs["harness.owner"],
+                                                                          "host": "elsewhere"})
+        ledger.storage.set_trial_user_attr(t._trial_id, "harness.heartbeat", time.time() - 60)
+        ledger.reap()
+    out, _ = driver.communicate(timeout=90)
+    assert driver.returncode == 0, out
+    assert not pid_alive(int(job_pid), None)
+    assert s.done_counts() == {h: 1 for h in s.cells}
+    assert s.states()[hang] == ("complete", 2)
+
+
+def test_failed_cells_retry_up_to_the_limit_then_on_request(tmp_path, uri):
+    s = Sweep(tmp_path, uri, "retry")
     bad = s.cells[-1]
     rc, out = s.run("--workers", "1", "--max-attempts", "2", FAKE_FAIL=bad)
     assert rc == 1, out
@@ -182,11 +223,11 @@ def test_failed_cells_retry_up_to_the_limit_then_on_request(tmp_path):
     assert s.done_counts() == {h: 1 for h in s.cells}
 
 
-def test_driver_sigint_requeues_running_cells_and_resume_finishes(tmp_path):
-    s = Sweep(tmp_path, "intr")
-    driver = s.start("--workers", "2", FAKE_SLEEP="300", FAKE_MLFLOW="1")
+def test_driver_sigint_requeues_running_cells_and_resume_finishes(tmp_path, uri):
+    s = Sweep(tmp_path, uri, "intr")
+    driver = s.start("--workers", "2", FAKE_SLEEP="300")
     for h in s.cells[:2]:
-        s.wait_for("run", h)
+        s.wait_for("start", h)
     driver.send_signal(signal.SIGINT)
     out, _ = driver.communicate(timeout=90)
     assert driver.returncode == 130, out
@@ -197,14 +238,14 @@ def test_driver_sigint_requeues_running_cells_and_resume_finishes(tmp_path):
         assert not pid_alive(int(e[2]), None)  # ...and their jobs are gone
     client = MlflowClient(s.uri)
     exp = client.get_experiment_by_name("intr/proxy").experiment_id
-    assert {r.info.status for r in client.search_runs([exp])} == {"KILLED"}
+    assert [r.info.status for r in client.search_runs([exp])] == ["KILLED"]  # the sweep's parent run
     rc, out = s.run("--workers", "2")
     assert rc == 0, out
     assert s.done_counts() == {h: 1 for h in s.cells}
 
 
-def test_driver_sigkill_stops_its_workers_and_resume_finishes(tmp_path):
-    s = Sweep(tmp_path, "dkill")
+def test_driver_sigkill_stops_its_workers_and_resume_finishes(tmp_path, uri):
+    s = Sweep(tmp_path, uri, "dkill")
     driver = s.start("--workers", "2", FAKE_SLEEP="300")
     for h in s.cells[:2]:
         s.wait_for("start", h)
@@ -223,19 +264,94 @@ def test_driver_sigkill_stops_its_workers_and_resume_finishes(tmp_path):
     assert [st for _, st in parents] == ["KILLED", "FINISHED"]  # the dead driver's parent run is closed
 
 
-def test_slurm_launcher_with_submitit_local_executor(tmp_path):
-    s = Sweep(tmp_path, "slurm")
+def test_one_gpu_per_worker_and_one_thread_per_cpu_job(tmp_path, uri, monkeypatch):
+    import torch
+
+    s = Sweep(tmp_path, uri, "gpus")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert s.run("--workers", "2")[0] == 0
+    assert {(e[0], e[1]) for e in s.events("env")} == {("-", "1")}  # CPU: one OpenMP thread per job
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert s.run("--workers", "2", "--set", "seed=[1]")[0] == 0
+    gpu_jobs = [e for e in s.events("env") if e[0] != "-"]
+    assert len(gpu_jobs) == 4 and {e[0] for e in gpu_jobs} == {"0", "1"} and {e[1] for e in gpu_jobs} == {"-"}
+    # Each worker kept its own GPU: the jobs of one worker (same parent pid) all saw the same device.
+    by_worker: dict[str, set[str]] = {}
+    for e in gpu_jobs:
+        by_worker.setdefault(e[-1], set()).add(e[0])
+    assert all(len(devices) == 1 for devices in by_worker.values())
+
+
+def test_slurm_launcher_with_submitit_local_executor(tmp_path, uri):
+    s = Sweep(tmp_path, uri, "slurm")
     rc, out = s.run("--workers", "2", "--launcher", "slurm", "--timeout-min", "5")
     assert rc == 0, out
     assert s.done_counts() == {h: 1 for h in s.cells}
     assert list((s.results / "slurm" / "proxy" / "submitit").glob("*_0_log.out"))
 
 
-def test_status_prints_the_ledger(tmp_path):
-    s = Sweep(tmp_path, "stat")
-    assert s.run("--workers", "1")[0] == 0
-    out = subprocess.run([sys.executable, "-m", "harness", "status", str(s.spec)], env=s.env, capture_output=True,
-                         text=True, timeout=60).stdout
-    for h in s.cells:
-        assert re.search(rf"{h} .*complete .* 1 .* 0\.500", out), out
-    assert "4 complete" in out
+# ------------------------------------------------------------------------------ ledger logic, in process
+def _ledger(tmp_path: Path, cells: int) -> Ledger:
+    ledger = Ledger(open_storage(str(tmp_path / "ledger.journal")), "unit/proxy", create=True)
+    for i in range(cells):
+        ledger.enqueue(f"cell{i:02d}", {"i": i}, {"seed": i}, 1.0, attempt=1)
+    return ledger
+
+
+def test_remote_worker_without_heartbeat_is_reaped_and_its_cell_requeued(tmp_path):
+    ledger = _ledger(tmp_path, 1)
+    trial = ledger.pop("remote", lambda t: tmp_path / "x.log")
+    tid = trial._trial_id
+    # Pretend the owner is another machine: only its heartbeat can show it is alive.
+    ledger.storage.set_trial_user_attr(tid, "harness.owner", {"worker": "remote", "host": "elsewhere", "pid": 1})
+    assert ledger.reap() == [] and ledger.cells()[0].state == "running"  # fresh heartbeat
+    ledger.storage.set_trial_user_attr(tid, "harness.heartbeat", time.time() - 10 * ledger.stale_after)
+    assert [t.number for t in ledger.reap()] == [trial.number]
+    cell = ledger.cells()[0]
+    assert (cell.state, cell.attempt) == ("queued", 2) and "elsewhere" in (cell.error or "")
+    # The remote worker, back from the dead, finds its attempt settled and must not record it.
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    with pytest.raises(UpdateFinishedTrialError):
+        ledger.heartbeat(tid)
+    assert not ledger.settle(tid, TrialState.COMPLETE, {"state": "complete"}, 1.0)
+
+
+def test_attempt_limit_counts_failures_not_interruptions(tmp_path):
+    ledger = _ledger(tmp_path, 1)
+    ledger.set_attr("harness.max_attempts", 2)
+    for outcome, requeued in ((("interrupted", False), True), (("failed", True), True), (("failed", True), False)):
+        t = ledger.pop("w", lambda t: tmp_path / "x.log")
+        assert ledger.requeue("cell00", settling=t, failed=outcome[1]) is requeued
+        ledger.settle(t._trial_id, TrialState.FAIL, {"state": outcome[0]})
+    cell = ledger.cells()[0]
+    assert (cell.state, cell.attempt, cell.attempts) == ("failed", 3, 3)
+    assert not ledger.requeue("cell00")  # the driver's resume does not retry it either...
+    ledger.set_attr("harness.retry_from", 99)  # ...until --retry-failed moves the watermark
+    assert ledger.requeue("cell00") and ledger.cells()[0].state == "queued"
+
+
+def _pop_all(path: str, out: str) -> None:
+    ledger = Ledger(open_storage(path), "unit/proxy", create=False)
+    got = []
+    while (t := ledger.pop(f"p{os.getpid()}", lambda t: Path("x.log"))) is not None:
+        got.append(t.user_attrs["harness.cell"])
+        ledger.settle(t._trial_id, TrialState.COMPLETE, {"state": "complete"}, 0.0)
+    Path(out).write_text("\n".join(got))
+
+
+def test_concurrent_pops_hand_each_cell_to_one_process(tmp_path):
+    import multiprocessing as mp
+
+    _ledger(tmp_path, 40)
+    procs = [mp.get_context("spawn").Process(target=_pop_all, args=(str(tmp_path / "ledger.journal"),
+                                                                      str(tmp_path / f"got{i}")))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    got = [c for i in range(4) for c in (tmp_path / f"got{i}").read_text().split()]
+    assert sorted(got) == [f"cell{i:02d}" for i in range(40)]

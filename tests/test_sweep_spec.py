@@ -36,9 +36,13 @@ def test_repo_spec_proxy_grid():
     assert len(plan.cells) == 2 * 2 * 2 * 1  # objective x batch_ratio [1,4] x iterations [1,4] x 1 seed
     assert {c.config.rollout_batches for c in plan.cells} == {40}  # one budget: cells differ only in reuse
     assert all(c.config.experiment == "grpo-vs-cfpo/proxy" for c in plan.cells)
-    # The paper scale has the full 4x4 grid; its task may not be registered on this machine yet.
+    # The paper scale has the full 4x4 grid for both objectives and three seeds.
     assert spec.scales.paper.base["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
-    assert len(spec.axes["batch_ratio"]) * len(spec.axes["iterations"]) == 16
+    from harness.tasks import TASKS
+
+    if "gsm8k" in TASKS:
+        paper = make_plan(spec, path, "paper")
+        assert len(paper.cells) == 2 * 4 * 4 * 3 and {c.config.rollout_batches for c in paper.cells} == {200}
 
 
 def test_grid_hashes_are_config_hashes(tmp_path):
@@ -125,6 +129,20 @@ def test_bad_spec_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, case
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and message in err, err
     assert not results.exists()
+
+
+def test_other_scale_is_validated_too(tmp_path, monkeypatch, capsys):
+    """--scale proxy still refuses a spec whose paper grid is impossible; an unregistered task only warns."""
+    results = tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results))
+    broken = _bad(TINY, **{"scales/paper/axes": {"batch_ratio": [1, 3]}})
+    assert main(["sweep", str(write_spec(tmp_path, broken)), "--scale", "proxy"]) == 2
+    assert "scales.paper: cell" in capsys.readouterr().err and not results.exists()
+    spec, path = load_spec(str(write_spec(tmp_path, _bad(TINY, **{"scales/paper/base/task": "no-such-task"}))))
+    from harness.sweep.spec import check_other_scales
+
+    (warning,) = check_other_scales(spec, path, "proxy")
+    assert "unknown task 'no-such-task'" in warning
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,6 +1,10 @@
 """Sweeps: a YAML spec -> a grid of job configs (cells) -> an Optuna-backed ledger -> workers running jobs.
 
+    python -m harness sweep grpo-vs-cfpo --scale auto --workers 2     # run, or resume after a crash / Ctrl-C
+    python -m harness worker grpo-vs-cfpo --storage URL               # add a worker from another machine
+    python -m harness status grpo-vs-cfpo                             # table of cells from the ledger
+
 Modules: `spec` (spec file, validation, cells), `ledger` (cell states in Optuna storage), `worker` (pulls cells
 and runs `python -m harness train`), `driver` (one `sweep` invocation: validate, enqueue, launch, watch),
-`display` (live progress and the status table), `cli` (the `sweep`, `worker` and `status` commands).
+`runs` (the sweep's MLflow parent run, stale runs), `display` (live progress, status table), `cli`.
 """

@@ -15,8 +15,9 @@ from harness.config import ConfigError
 def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="run (or resume) a sweep: enqueue its cells and run them with workers")
     _common(sweep)
-    sweep.add_argument("--workers", type=int, default=1,
-                       help="worker processes here (one job each at a time; 0: only enqueue and watch)")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="worker processes here (one job each at a time; 0: only enqueue and watch); "
+                            "default: GPUs / the scale's gpus_per_job on a CUDA machine, else one per CPU core")
     sweep.add_argument("--max-attempts", type=int, default=2, help="attempts per cell before it stays failed")
     sweep.add_argument("--retry-failed", action="store_true", help="give failed cells a fresh allowance of attempts")
     sweep.add_argument("--launcher", choices=("local", "slurm"), default="local",
@@ -32,7 +33,14 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser("worker", help="join a running sweep (same --storage and MLFLOW_TRACKING_URI)")
     _common(worker)
-    worker.add_argument("--name", dest="worker_name", default=None, help="worker name shown in status (default: host-pid)")
+    worker.add_argument("--name", dest="worker_name", default=None,
+                        help="worker name shown in status (default: host-pid)")
+    worker.add_argument("--workers", type=int, default=None,
+                        help="worker processes on this machine, each on its own gpus_per_job GPUs (default: "
+                             "GPUs / gpus_per_job on a CUDA machine, else 1)")
+    worker.add_argument("--gpus", default=None, metavar="LIST",
+                        help="run one worker on exactly these CUDA devices (e.g. 0,1), or 'none' for CPU jobs; "
+                             "default: find this machine's GPUs and pack them")
     worker.set_defaults(func=_worker)
 
     status = sub.add_parser("status", help="print a sweep's cells and their states from its ledger")
@@ -45,7 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", choices=("auto", "paper", "proxy"), default="auto",
                    help="auto: paper when CUDA is available, else proxy")
     p.add_argument("--storage", default=None,
-                   help="ledger: a journal file path or postgresql://... (default results/<study>/<scale>/ledger.journal)")
+                   help="ledger: a journal file path or postgresql://... "
+                        "(default: results/<study>/<scale>/ledger.journal)")
     p.add_argument("--results-dir", default=None, help="results root (default $HARNESS_RESULTS, else ./results)")
 
 
@@ -60,12 +69,18 @@ def _results(args: argparse.Namespace) -> Path:
 
 def _sweep(args: argparse.Namespace) -> int:
     from harness.sweep.driver import SweepError, SweepOptions, run_sweep
-    from harness.sweep.spec import load_spec, make_plan, pick_scale
+    from harness.sweep.spec import check_other_scales, load_spec, make_plan, pick_scale
 
     spec, path = load_spec(args.name)
     scale, why = pick_scale(args.scale)
     print(f"scale: {scale} ({why})", flush=True)
     plan = make_plan(spec, path, scale, args.set)
+    for warning in check_other_scales(spec, path, scale):
+        print(warning, file=sys.stderr)
+    if args.workers is None:  # one job per slot of gpus_per_job GPUs; else one single-threaded job per core
+        from harness.launch import default_workers, visible_gpus
+
+        args.workers = default_workers(visible_gpus(), plan.gpus_per_job)
     opts = SweepOptions(workers=args.workers, storage=args.storage, max_attempts=args.max_attempts,
                         retry_failed=args.retry_failed, launcher=args.launcher, stale_after=args.stale_after,
                         timeout_min=args.timeout_min, partition=args.partition)
@@ -74,6 +89,9 @@ def _sweep(args: argparse.Namespace) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before workers started: nothing is running; the next start tidies MLflow
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
@@ -96,13 +114,36 @@ def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import socket
+    """One worker, or (on a machine with several slots of gpus_per_job GPUs) one pinned worker per slot."""
+    import dataclasses
 
-    from harness.sweep.worker import WorkerOptions, run_worker
+    from harness.launch import check_gpus, gpu_slots, visible_gpus
+    from harness.sweep.ledger import HOST, Ledger, open_storage
+    from harness.sweep.spec import spec_path
+    from harness.sweep.worker import WorkerOptions, run_worker, run_worker_group
 
     study, scale, results, storage = _existing(args)
-    name = args.worker_name or f"{socket.gethostname()}-{os.getpid()}"
-    return run_worker(WorkerOptions(storage=storage, study=study, scale=scale, results=str(results), name=name))
+    per_job = Ledger(open_storage(storage), f"{study}/{scale}", create=False).gpus_per_job  # the driver's setting
+    name = args.worker_name or f"{HOST}-{os.getpid()}"
+    opts = WorkerOptions(storage=storage, study=study, scale=scale, results=str(results), name=name)
+    where = f"sweep {study}/{scale}"
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.gpus is not None:  # pinned by whoever started this worker (the driver, a person, a scheduler)
+        if args.workers not in (None, 1):
+            raise ConfigError("--gpus pins one worker; leave out --workers")
+        gpus = tuple(d.strip() for d in args.gpus.split(",") if d.strip() and d.strip().lower() != "none")
+        check_gpus(list(gpus), per_job, where)
+        return run_worker(dataclasses.replace(opts, gpus=gpus))
+    gpus_here = visible_gpus()
+    check_gpus(gpus_here, per_job, where)
+    slots = gpu_slots(gpus_here, per_job)
+    n = args.workers if args.workers is not None else max(1, len(slots))
+    if n == 1:
+        return run_worker(dataclasses.replace(opts, gpus=tuple(slots[0]) if slots else None))
+    group = [dataclasses.replace(opts, name=f"{name}-{i}", gpus=tuple(slots[i % len(slots)]) if slots else ())
+             for i in range(n)]
+    return run_worker_group(spec_path(args.name).resolve(), group)
 
 
 def _status(args: argparse.Namespace) -> int:

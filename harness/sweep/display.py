@@ -76,8 +76,7 @@ class SweepView:
 
     def update(self) -> None:
         self.cells = [c for c in self.ledger.cells() if c.hash in self.hashes]
-        if self.live is None:
-            self._print_settled()
+        self._print_settled()  # above the live panel on a terminal, as plain lines otherwise
 
     def count(self, *states: str) -> int:
         return sum(1 for c in self.cells if c.state in states)
@@ -89,16 +88,21 @@ class SweepView:
                 f"{self.count('failed', 'interrupted')} failed, ETA {_fmt_s(eta) if eta is not None else '?'}")
 
     def render(self) -> Group:
-        bar = ProgressBar(total=max(self.total, 1), completed=self.count(*DONE, "failed"), width=50)
-        running = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-        for col in ("running", "cell", "attempt", "for", "worker"):
-            running.add_column(col)
+        head = Table.grid(padding=(0, 1))
+        head.add_row(ProgressBar(total=max(self.total, 1), completed=self.count(*DONE, "failed"), width=30),
+                     Text(self.summary()))
+        parts: list[Any] = [Text(self.title, style="bold"), head]
         now = time.time()
-        for c in self.cells:
-            if c.state == "running":
-                running.add_row(_axes_text(c.axes), c.hash, str(c.attempt), _fmt_s(now - (c.started or now)),
-                                (c.worker or "?") + (" (stale)" if c.stale else ""))
-        return Group(Text(self.title, style="bold"), bar, Text(self.summary()), running)
+        rows = [(_axes_text(c.axes), c.hash, str(c.attempt), _fmt_s(now - (c.started or now)),
+                 (c.worker or "?") + (" (stale)" if c.stale else "")) for c in self.cells if c.state == "running"]
+        if rows:
+            running = Table(box=None, header_style="dim", pad_edge=False)
+            for col in ("running", "cell", "attempt", "for", "worker"):
+                running.add_column(col)
+            for row in rows:
+                running.add_row(*row)
+            parts.append(running)
+        return Group(*parts)
 
     def _print_settled(self) -> None:
         for t in self.ledger.trials((TrialState.COMPLETE, TrialState.FAIL)):
@@ -111,9 +115,9 @@ class SweepView:
             o = t.user_attrs.get(OUTCOME) or {}
             extra = f" val/reward={o['val_reward']:.3f}" if o.get("val_reward") is not None else ""
             err = o.get("error") or t.user_attrs.get(REAPED)
-            print(f"[{self.count(*DONE, 'failed')}/{self.total}] {state} {t.user_attrs[CELL]} attempt {t.user_attrs[ATTEMPT]} "
-                  f"{_axes_text(t.user_attrs[AXES])} {_fmt_s(o.get('duration_s'))}{extra}"
-                  + (f" ({err})" if err else ""), flush=True)
+            self.out.print(f"[{self.count(*DONE, 'failed')}/{self.total}] {state} {t.user_attrs[CELL]} attempt "
+                           f"{t.user_attrs[ATTEMPT]} {_axes_text(t.user_attrs[AXES])} {_fmt_s(o.get('duration_s'))}"
+                           f"{extra}" + (f" ({err})" if err else ""), highlight=False, soft_wrap=True, markup=False)
 
 
 def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
@@ -132,7 +136,7 @@ def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
         val = _val_reward(sweep_dir / "jobs" / c.hash / "result.json", c.val_reward)
         dur = c.duration_s if c.state != "running" else now - (c.started or now)
         state = c.state + (" (stale)" if c.stale else "")
-        note = c.error if c.state in ("failed", "interrupted") else (c.log or "") if c.state == "running" else ""
+        note = c.log if c.state == "running" else c.error if c.state != "complete" else ""
         table.add_row(c.hash, *[str(c.axes.get(k, "")) for k in keys], state, str(c.attempt), _fmt_s(dur),
                       f"{val:.3f}" if val is not None else "-", (note or "")[:80])
     return table

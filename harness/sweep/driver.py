@@ -12,18 +12,31 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from harness.config import ConfigError
+from harness.launch import check_gpus, gpu_slots, visible_gpus
 from harness.sweep import runs
 from harness.sweep.display import SweepView, console
-from harness.sweep.ledger import (DRIVER, HOST, MAX_ATTEMPTS, PARENT_RUN, RETRY_FROM, STALE_AFTER, Ledger,
-                                  check_storage, open_storage, pid_alive, pid_start)
+from harness.sweep.ledger import (
+    DEEPSPEED,
+    DRIVER,
+    GPUS_PER_JOB,
+    HOST,
+    MAX_ATTEMPTS,
+    PARENT_RUN,
+    RETRY_FROM,
+    STALE_AFTER,
+    Ledger,
+    check_storage,
+    open_storage,
+    pid_alive,
+    pid_start,
+)
 from harness.sweep.spec import Plan
-from harness.sweep.worker import GRACE_S, WorkerOptions, die_with_parent, run_worker
+from harness.sweep.worker import GRACE_S, WorkerOptions, run_worker, spawn_worker
 
 
 class SweepError(RuntimeError):
@@ -58,6 +71,10 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     opts.check()
     sweep_dir = results / plan.study / plan.scale
     storage_url = check_storage(opts.storage, sweep_dir / "ledger.journal")
+    gpus: list[str] = []
+    if opts.launcher == "local" and opts.workers > 0:  # local workers need the GPUs here (SLURM: the nodes')
+        gpus = visible_gpus()
+        check_gpus(gpus, plan.gpus_per_job, f"{plan.spec_path}: scales.{plan.scale}")
     out = console()
     # ---- nothing above this line writes anything
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +83,7 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     _refuse_second_driver(ledger)
     ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
     ledger.set_attr(STALE_AFTER, opts.stale_after)
+    _set_launch(ledger, plan, out)
     if opts.retry_failed:
         ledger.set_attr(RETRY_FROM, len(ledger.storage.get_all_trials(ledger.study_id, deepcopy=False)))
     ledger.reap()
@@ -78,11 +96,12 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     runs.kill_orphans(client, exp_id, ledger, keep=None)
     parent = runs.start_parent(client, exp_id, plan, {
         "workers": opts.workers, "launcher": opts.launcher, "max_attempts": opts.max_attempts,
-        "retry_failed": opts.retry_failed, "storage": storage_url})
+        "retry_failed": opts.retry_failed, "storage": storage_url, "gpus_per_job": plan.gpus_per_job,
+        "deepspeed": plan.deepspeed})
     ledger.set_attr(PARENT_RUN, parent)
     _beat(ledger, parent)
 
-    workers = _Launcher(plan, opts, storage_url, results, sweep_dir)
+    workers = _Launcher(plan, opts, storage_url, results, sweep_dir, gpus)
     interrupted = False
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     view = SweepView(ledger, f"{plan.experiment} ({opts.workers} workers)", [c.hash for c in plan.cells],
@@ -100,7 +119,7 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
                     last_beat = time.time()
                 if workers.finished() and (opts.workers > 0 or ledger.settled()):
                     break
-                time.sleep(1.0)
+                time.sleep(0.5)
             view.update()
     except KeyboardInterrupt:
         interrupted = True
@@ -143,6 +162,18 @@ def _sync(ledger: Ledger, plan: Plan) -> dict[str, int]:
     return counts
 
 
+def _set_launch(ledger: Ledger, plan: Plan, out: Any) -> None:
+    """How every worker (here or on other machines) launches a job: the scale's gpus_per_job and deepspeed."""
+    before = (ledger.gpus_per_job, ledger.deepspeed)
+    now = (plan.gpus_per_job, plan.deepspeed)
+    if before != now and any(c.state in ("complete", "diverged") for c in ledger.cells()):
+        out.print(f"warning: gpus_per_job/deepspeed changed from {before[0]}/{before[1]} to {now[0]}/{now[1]}; "
+                  "cells already finished keep their results (their runs are tagged harness.gpus_per_job)",
+                  soft_wrap=True)
+    ledger.set_attr(GPUS_PER_JOB, plan.gpus_per_job)
+    ledger.set_attr(DEEPSPEED, plan.deepspeed)
+
+
 def _take_lock(path: Path) -> TextIO:
     f = open(path, "a+")
     try:
@@ -181,14 +212,16 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 class _Launcher:
     """Local worker processes, or submitit jobs (SLURM, or submitit's local executor where there is none)."""
 
-    def __init__(self, plan: Plan, opts: SweepOptions, storage: str, results: Path, sweep_dir: Path):
+    def __init__(self, plan: Plan, opts: SweepOptions, storage: str, results: Path, sweep_dir: Path,
+                 gpus: list[str]):
         self.plan, self.opts, self.storage, self.results, self.sweep_dir = plan, opts, storage, results, sweep_dir
+        self.gpus = gpus
         self.procs: list[subprocess.Popen] = []
         self.jobs: list[Any] = []
 
-    def worker_options(self, name: str) -> WorkerOptions:
+    def worker_options(self, name: str, gpus: tuple[str, ...] | None = None) -> WorkerOptions:
         return WorkerOptions(storage=self.storage, study=self.plan.study, scale=self.plan.scale,
-                             results=str(self.results), name=name)
+                             results=str(self.results), name=name, gpus=gpus)
 
     def start(self) -> None:
         if self.opts.workers == 0:
@@ -196,22 +229,15 @@ class _Launcher:
         if self.opts.launcher == "slurm":
             self._start_submitit()
             return
-        gpus = visible_gpus()
-        (self.sweep_dir / "workers").mkdir(exist_ok=True)
+        # Each worker gets its own slot of gpus_per_job devices; workers beyond the slots share them
+        # round-robin. Without GPUs: `--gpus none` (CPU jobs, and the worker need not look for CUDA itself).
+        slots = gpu_slots(self.gpus, self.plan.gpus_per_job)
+        if slots and self.opts.workers > len(slots):
+            console().print(f"warning: {self.opts.workers} workers share {len(slots)} slot(s) of "
+                            f"{self.plan.gpus_per_job} GPU(s) round-robin", soft_wrap=True)
         for i in range(self.opts.workers):
-            name = f"{HOST}-w{i}"
-            env = dict(os.environ, HARNESS_RESULTS=str(self.results))
-            if gpus:  # one GPU per worker (workers beyond the GPU count share them round-robin)
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            cmd = [sys.executable, "-m", "harness", "worker", str(self.plan.spec_path.resolve()),
-                   "--scale", self.plan.scale, "--storage", self.storage, "--results-dir", str(self.results),
-                   "--name", name]
-            with open(self.sweep_dir / "workers" / f"{name}.log", "ab") as log:
-                # Own session: a terminal's Ctrl-C reaches the driver only, which stops workers in order.
-                # Parent-death SIGTERM: a SIGKILLed driver still stops its workers (they re-queue their cells).
-                self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                   env=env, start_new_session=True,
-                                                   preexec_fn=die_with_parent(signal.SIGTERM)))
+            gpus = tuple(slots[i % len(slots)]) if slots else ()
+            self.procs.append(spawn_worker(self.plan.spec_path.resolve(), self.worker_options(f"{HOST}-w{i}", gpus)))
 
     def _start_submitit(self) -> None:
         import submitit
@@ -219,8 +245,8 @@ class _Launcher:
         executor = submitit.AutoExecutor(folder=self.sweep_dir / "submitit")
         params: dict[str, Any] = {"timeout_min": self.opts.timeout_min, "name": f"sweep-{self.plan.study}",
                                   "slurm_array_parallelism": self.opts.workers}
-        if self.plan.scale == "paper":
-            params["gpus_per_node"] = 1
+        if self.plan.scale == "paper" or self.plan.gpus_per_job > 1:
+            params["gpus_per_node"] = self.plan.gpus_per_job  # one worker per array task, one job at a time
         if self.opts.partition:
             params["slurm_partition"] = self.opts.partition
         executor.update_parameters(**params)
@@ -247,11 +273,3 @@ class _Launcher:
                 p.kill()  # its job gets SIGKILL too (parent-death signal); the next start reaps the cell
                 p.wait()
 
-
-def visible_gpus() -> list[str]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]

@@ -15,11 +15,13 @@ worker and a reaper race over a trial exactly one of them settles it and decides
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,12 @@ RETRY_FROM = "harness.retry_from"      # failures of trials numbered below this 
 STALE_AFTER = "harness.stale_after"
 PARENT_RUN = "harness.parent_run_id"
 DRIVER = "harness.driver"              # {host, pid, pid_start, run_id, heartbeat} of the live driver
+GPUS_PER_JOB = "harness.gpus_per_job"  # the scale's gpus_per_job: how every worker launches a job
+DEEPSPEED = "harness.deepspeed"        # the scale's deepspeed setting (none, zero2)
 
-HOST = socket.gethostname()
+# Attempts owned by this host are judged by their PID, others by heartbeat: machines must have distinct names.
+# HARNESS_HOST overrides the host name where they do not (containers started from one image, say).
+HOST = os.environ.get("HARNESS_HOST") or socket.gethostname()
 COUNTED_FAILURES = ("failed", "died")  # interrupted (Ctrl-C, scheduler preemption) and duplicate do not count
 FINISHED_OK = ("complete", "diverged")
 
@@ -64,11 +70,20 @@ def check_storage(url: str | None, default_path: Path) -> str:
 
 def open_storage(url: str) -> BaseStorage:
     if "://" in url:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs={"pool_pre_ping": True})
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(url))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a plain postgresql:// URL as psycopg 3; the `postgres` extra installs psycopg2-binary,
+    so a plain URL gets the psycopg2 driver where psycopg2 is installed (an explicit +driver is kept)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme == "postgresql" and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2{sep}{rest}"
+    return url
 
 
 def pid_start(pid: int) -> str | None:
@@ -144,6 +159,14 @@ class Ledger:
     def stale_after(self) -> float:
         return float(self.attr(STALE_AFTER, 120.0))
 
+    @property
+    def gpus_per_job(self) -> int:
+        return int(self.attr(GPUS_PER_JOB, 1))
+
+    @property
+    def deepspeed(self) -> str:
+        return str(self.attr(DEEPSPEED, "none"))
+
     # ---------------------------------------------------------------------------------------- trials
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
@@ -161,10 +184,10 @@ class Ledger:
             {k: v for k, v in axes.items()},
             user_attrs={CELL: cell, AXES: axes, CONFIG: config, COST: cost, ATTEMPT: attempt})
 
-    def pop(self, worker: str, log_for: Any) -> FrozenTrial | None:
+    def pop(self, worker: str, log_for: Callable[[FrozenTrial], Path]) -> FrozenTrial | None:
         """Claim the first queued attempt (race-free), record its owner; None when the queue is empty.
 
-        log_for(trial) -> log path of the attempt, recorded in the owner so `status` can point at it.
+        log_for(trial): the attempt's log path, recorded in the owner so `status` can point at it.
         """
         while True:
             claimed = None
@@ -182,11 +205,13 @@ class Ledger:
                      "log": str(log_for(claimed)), "started": time.time()}
             self.storage.set_trial_user_attr(tid, OWNER, owner)
             self.storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
-            # A cell that got a second queued attempt (a crash between settle and re-queue) runs once.
+            # A second queued attempt of a cell (a reaper and a worker settling the same attempt at once) is
+            # dropped: the cell is done, or another attempt runs that is not being settled (no outcome yet).
             cell, now = claimed.user_attrs[CELL], time.time()
             others = [t for t in self.by_cell()[cell] if t.number != claimed.number]
-            if any(t.state == TrialState.COMPLETE or
-                   (t.state == TrialState.RUNNING and self.alive(t, now)) for t in others):
+            if any(t.state == TrialState.COMPLETE or (
+                    t.state == TrialState.RUNNING and OUTCOME not in t.user_attrs and REAPED not in t.user_attrs
+                    and self.alive(t, now)) for t in others):
                 self.settle(tid, TrialState.FAIL, {"state": "duplicate"})
                 continue
             return self.storage.get_trial(tid)
@@ -195,10 +220,20 @@ class Ledger:
         """Raises UpdateFinishedTrialError when the attempt was settled by someone else (declared dead)."""
         self.storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
 
-    def settle(self, trial_id: int, state: TrialState, outcome: dict[str, Any], value: float | None = None) -> bool:
-        """Finish an attempt; False when another process settled it first."""
+    def note(self, trial_id: int, outcome: dict[str, Any]) -> bool:
+        """Record an attempt's outcome before settling it; False when another process settled it first."""
         try:
             self.storage.set_trial_user_attr(trial_id, OUTCOME, outcome)
+            return True
+        except UpdateFinishedTrialError:
+            return False
+
+    def settle(self, trial_id: int, state: TrialState, outcome: dict[str, Any] | None = None,
+               value: float | None = None) -> bool:
+        """Finish an attempt; False when another process settled it first."""
+        if outcome is not None and not self.note(trial_id, outcome):
+            return False
+        try:
             self.storage.set_trial_state_values(trial_id, state, [value] if value is not None else None)
             return True
         except UpdateFinishedTrialError:
@@ -222,20 +257,22 @@ class Ledger:
             why = f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} (pid {owner.get('pid', '?')}) is gone"
             try:
                 self.storage.set_trial_user_attr(t._trial_id, REAPED, why)
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue  # its worker, or another reaper, settled it first
+            # As a worker does: re-queue first, so the cell is never without a queued or running attempt.
+            self.requeue(t.user_attrs[CELL], settling=t, failed=True)
+            if not self.settle(t._trial_id, TrialState.FAIL):
+                continue  # settled meanwhile; a surplus queued attempt is dropped when popped
             logging.getLogger(__name__).warning("cell %s attempt %s: %s", t.user_attrs[CELL],
                                                 t.user_attrs.get(ATTEMPT), why)
-            self.requeue(t.user_attrs[CELL])
             reaped.append(t)
         return reaped
 
     def requeue(self, cell: str, settling: FrozenTrial | None = None, failed: bool = False) -> bool:
         """Queue the next attempt of a cell unless it is done, queued, running, or out of attempts.
 
-        settling: the caller's own RUNNING attempt, about to be settled (re-queue comes first, so a crash in
-        between leaves a queued cell, never a lost one); failed: whether that attempt counts as a failure.
+        settling: the RUNNING attempt the caller is about to settle (re-queue comes first, so a crash in between
+        leaves a queued cell, never a lost one); failed: whether that attempt counts as a failure.
         """
         trials = self.by_cell().get(cell, [])
         others = [t for t in trials if settling is None or t.number != settling.number]
@@ -281,7 +318,7 @@ def attempt_state(t: FrozenTrial) -> str:
     return "died" if state is None or state in FINISHED_OK else state
 
 
-def cell_status(cell: str, trials: list[FrozenTrial], alive: Any) -> CellStatus:
+def cell_status(cell: str, trials: list[FrozenTrial], alive: Callable[[FrozenTrial, float], bool]) -> CellStatus:
     real = [t for t in trials if attempt_state(t) != "duplicate"] or trials
     done = [t for t in real if t.state == TrialState.COMPLETE]
     running = [t for t in real if t.state == TrialState.RUNNING]
@@ -290,10 +327,16 @@ def cell_status(cell: str, trials: list[FrozenTrial], alive: Any) -> CellStatus:
     state = attempt_state(t)
     state = "failed" if state == "died" else state
     outcome, owner = t.user_attrs.get(OUTCOME) or {}, t.user_attrs.get(OWNER) or {}
+    failures = [x for x in real if x.state == TrialState.FAIL]
+    last = failures[-1].user_attrs if failures else {}
+    # A retried cell shows why its previous attempt failed until this attempt settles.
+    error = outcome.get("error") or t.user_attrs.get(REAPED)
+    if not error and not done:
+        error = (last.get(OUTCOME) or {}).get("error") or last.get(REAPED)
     return CellStatus(
         hash=cell, axes=t.user_attrs[AXES], state=state, attempt=int(t.user_attrs[ATTEMPT]),
         attempts=sum(1 for x in real if x.state != TrialState.WAITING), cost=float(t.user_attrs.get(COST, 1.0)),
         duration_s=outcome.get("duration_s"), started=owner.get("started"), val_reward=outcome.get("val_reward"),
-        run_id=outcome.get("run_id"), error=outcome.get("error") or t.user_attrs.get(REAPED),
+        run_id=outcome.get("run_id"), error=error,
         log=owner.get("log"), worker=owner.get("worker"),
         stale=t.state == TrialState.RUNNING and not alive(t, time.time()))

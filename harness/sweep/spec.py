@@ -1,7 +1,8 @@
 """Sweep spec: which job configs (cells) a sweep runs, at which scale.
 
 A spec is a YAML file (see sweeps/grpo-vs-cfpo.yaml): a base job config, axes (any job field, dotted keys for
-nested ones), replicate seeds, and two scales (`paper`, `proxy`) that override any of these. A cell is one point
+nested ones), replicate seeds, and two scales (`paper`, `proxy`) that override any of these and say how many GPUs
+one job gets (`gpus_per_job`, `deepspeed`: how the job is launched, not what it is). A cell is one point
 of (axes x seeds) resolved into a validated `JobConfig`; its identity is `config_hash` of that config, so a cell
 keeps its identity (and its ledger entry) across spec edits that do not change what it computes.
 
@@ -13,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from harness.config import ConfigError, JobConfig, ProxyModel, build_config, config_hash, deep_merge
 
@@ -46,6 +48,18 @@ class ScaleSpec(BaseModel):
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="axes replaced, key by key, at this "
                                                                          "scale; other axes are kept")
     seeds: list[StrictInt] | None = Field(None, description="replicate seeds at this scale (default: the sweep's)")
+    gpus_per_job: StrictInt = Field(1, ge=1, description="GPUs per job: k > 1 runs each job as `accelerate launch "
+                                    "--num_processes k`, and a machine with G GPUs runs floor(G/k) jobs at a time, "
+                                    "each on its own k devices (harness/launch.py); must be 1 on CPU machines")
+    deepspeed: Literal["none", "zero2"] = Field("none", description="zero2: launch multi-GPU jobs with DeepSpeed "
+                                                "ZeRO-2 (configs/accelerate/zero2.yaml); none: plain data parallel")
+
+    @model_validator(mode="after")
+    def _deepspeed_needs_gpus(self) -> ScaleSpec:
+        if self.deepspeed != "none" and self.gpus_per_job < 2:
+            raise ValueError(f"deepspeed: {self.deepspeed} shards a job across its GPUs; it needs gpus_per_job of "
+                             f"2 or more (got {self.gpus_per_job})")
+        return self
 
 
 class Scales(BaseModel):
@@ -104,6 +118,8 @@ class Plan:
     axes: dict[str, list[Any]]
     seeds: list[int]
     cells: list[Cell]
+    gpus_per_job: int = 1      # the scale's; not part of a cell's identity (see docs/SCALE_OUT.md)
+    deepspeed: str = "none"
 
     @property
     def study(self) -> str:
@@ -138,7 +154,7 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {field}: {msg}") from None
     # Structure of every scale is checked even when only one is resolved.
     _check_section(path, "", spec.base, spec.axes, spec.seeds)
@@ -148,7 +164,7 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
     return spec, path
 
 
-def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: list[str] = ()) -> Plan:
+def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] = ()) -> Plan:
     """Resolve one scale (plus `--set key=value` overrides) into validated cells."""
     s: ScaleSpec = getattr(spec.scales, scale)
     base = deep_merge(_nest(spec.base), _nest(s.base))
@@ -160,8 +176,11 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: list[str] = ()
             raise ConfigError(f"--set {item!r}: expected key=value (dotted keys reach nested fields)")
         value = yaml.safe_load(raw) if raw else ""
         if key == "seed":  # narrowing the replicates is the one use of --set seed
-            seeds = value if isinstance(value, list) else [value]
-            _check_values(f"--set {key}", seeds)
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"--set seed: expected an integer or a list of integers, got {raw!r}")
+            _check_values(f"--set {key}", values)
+            seeds = [int(v) for v in values]
             continue
         _check_key(f"--set {key}", key, axis=key in axes)
         if key in axes:  # narrowing an axis keeps the cells' identities (a sub-grid of the full sweep)
@@ -177,7 +196,7 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: list[str] = ()
     seen: dict[str, str] = {}
     for seed in seeds:
         for combo in itertools.product(*axes.values()):
-            point = dict(zip(axes, combo))
+            point = dict(zip(axes, combo, strict=True))
             raw_cfg = deep_merge(base, _nest(point))
             raw_cfg.update(seed=seed, experiment=experiment)
             label = " ".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())
@@ -189,7 +208,24 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: list[str] = ()
             cells.append(Cell(hash=digest, axes={**point, "seed": seed}, config=cfg))
     # Longest jobs first within each seed: N workers finish the grid sooner than in grid order.
     ordered = sorted(cells, key=lambda c: (seeds.index(c.axes["seed"]), -c.cost))
-    return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered)
+    return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered,
+                gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed)
+
+
+def check_other_scales(spec: SweepSpec, path: Path, selected: str) -> list[str]:
+    """Validate the scales not being run (without --set): both are one experiment, so a broken paper grid is
+    worth knowing about before a proxy run. A task not registered on this machine is only a warning."""
+    warnings = []
+    for name in SCALES:
+        if name == selected:
+            continue
+        try:
+            make_plan(spec, path, name)
+        except ConfigError as e:
+            if "unknown task" not in str(e):
+                raise
+            warnings.append(f"warning: {e} (scale {name} left unchecked)")
+    return warnings
 
 
 def pick_scale(scale: str) -> tuple[str, str]:

@@ -1,10 +1,15 @@
-"""A worker: pulls queued cells from the ledger and runs each as `python -m harness train` in a subprocess.
+"""A worker: pulls queued cells from the ledger and runs each as `python -m harness train` in a subprocess
+(`accelerate launch --num_processes k ... -m harness train` when the sweep's scale sets gpus_per_job k > 1).
 
 Each attempt runs in its own session with its own log, a heartbeat thread keeps the attempt's claim fresh, and
 the job dies with the worker (Linux parent-death signal), so no job outlives the worker that answers for it.
 Exit code and result.json decide the outcome: 0 + status complete/diverged -> COMPLETE; 2 (bad config) ->
 failed, not retried; anything else -> failed, re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and
 SIGUSR2 (a scheduler's warning) stop the job gracefully and re-queue the cell without spending an attempt.
+
+GPUs: a worker started with `gpus` (the driver's local workers, `harness worker --gpus`) pins its jobs to those
+devices with CUDA_VISIBLE_DEVICES; without, its jobs see what the worker sees (a SLURM allocation, say).
+`run_worker_group` runs several pinned workers on one machine, as `harness worker` does on a multi-GPU machine.
 """
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.sweep.ledger import (ATTEMPT, AXES, CELL, CONFIG, FINISHED_OK, HOST, PARENT_RUN, Ledger,
-                                  open_storage)
+from harness.launch import job_command
+from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, FINISHED_OK, HOST, PARENT_RUN, Ledger, open_storage
 
 log = logging.getLogger("harness.sweep.worker")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +50,8 @@ class WorkerOptions:
     scale: str
     results: str
     name: str
-    poll_s: float = 2.0
+    poll_s: float = 1.0
+    gpus: tuple[str, ...] | None = None  # devices of this worker's jobs (CUDA_VISIBLE_DEVICES); None: inherited
 
     @property
     def study_name(self) -> str:
@@ -60,18 +66,63 @@ def attempt_log(sweep_dir: Path, cell: str, attempt: int) -> Path:
     return sweep_dir / "jobs" / cell / f"attempt-{attempt}.log"
 
 
-def train_command() -> list[str]:
-    """`python -m harness train`, or $HARNESS_TRAIN_CMD (a wrapper such as `nice -n 10 python -m harness train`,
-    or a stand-in job in tests of the sweep machinery)."""
-    custom = os.environ.get("HARNESS_TRAIN_CMD")
-    return shlex.split(custom) if custom else [sys.executable, "-m", "harness", "train"]
-
-
 def run_worker(opts: WorkerOptions) -> int:
     """Entry point of `python -m harness worker`, of local workers and of submitit jobs."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {opts.name} %(message)s", stream=sys.stdout)
     os.environ["HARNESS_RESULTS"] = opts.results  # the job's results root and default MLflow store follow it
     return Worker(opts).run()
+
+
+def worker_command(spec: Path, opts: WorkerOptions) -> list[str]:
+    """`python -m harness worker` for one worker process with these options."""
+    cmd = [sys.executable, "-m", "harness", "worker", str(spec), "--scale", opts.scale, "--storage", opts.storage,
+           "--results-dir", opts.results, "--name", opts.name]
+    if opts.gpus is not None:
+        cmd += ["--gpus", ",".join(opts.gpus) or "none"]
+    return cmd
+
+
+def spawn_worker(spec: Path, opts: WorkerOptions) -> subprocess.Popen:
+    """Start one worker process, logging to <sweep>/workers/NAME.log, pinned to opts.gpus.
+
+    Own session: a terminal's Ctrl-C reaches the parent only, which stops workers in order. Parent-death SIGTERM:
+    a SIGKILLed parent still stops its workers (they stop their jobs and re-queue their cells).
+    """
+    log_dir = opts.sweep_dir / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HARNESS_RESULTS=opts.results)
+    if opts.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(opts.gpus)
+    with open(log_dir / f"{opts.name}.log", "ab") as out:
+        return subprocess.Popen(worker_command(spec, opts), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
+
+
+def run_worker_group(spec: Path, group: list[WorkerOptions]) -> int:
+    """Several pinned workers on this machine (`harness worker` with more than one GPU slot); returns when all
+    have left. SIGINT / SIGTERM / SIGHUP are passed on as SIGTERM: each worker stops its job and re-queues it."""
+    procs = [spawn_worker(spec, o) for o in group]
+    for o, p in zip(group, procs, strict=True):
+        print(f"worker {o.name} (pid {p.pid}) on GPUs {','.join(o.gpus or ()) or 'none'}: log "
+              f"{o.sweep_dir / 'workers' / (o.name + '.log')}", flush=True)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopped.set()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [p.returncode for p in procs]
+    return 130 if stopped.is_set() else next((c for c in codes if c), 0)
 
 
 class Worker:
@@ -111,10 +162,23 @@ class Worker:
         cfg_path, result_path = job_dir / "config.yaml", job_dir / "result.json"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         result_path.unlink(missing_ok=True)  # a previous attempt's result must not be read as this one's
-        cmd = [*train_command(), str(cfg_path),
-               "--tag", f"harness.study={self.opts.study}", "--tag", f"harness.scale={self.opts.scale}",
-               "--tag", f"harness.cell={cell}", "--tag", f"harness.attempt={attempt}",
-               "--result", str(result_path)]
+        # How to launch is the sweep's (study attrs), read per attempt: a resumed sweep may have changed it.
+        per_job, deepspeed = self.ledger.gpus_per_job, self.ledger.deepspeed
+        if per_job > 1 and self.opts.gpus is not None and len(self.opts.gpus) < per_job:
+            # Not the job's fault: hand the cell back without spending an attempt, and leave.
+            why = f"worker {self.opts.name} has GPUs {','.join(self.opts.gpus) or 'none'}, jobs need {per_job}"
+            log.error("cell %s: %s; leaving", cell, why)
+            if self.ledger.note(trial._trial_id, {"state": "interrupted", "error": why}):
+                self.ledger.requeue(cell, settling=trial, failed=False)
+                self.ledger.settle(trial._trial_id, TrialState.FAIL)
+            self.stop.set()
+            return
+        tags = {"harness.study": self.opts.study, "harness.scale": self.opts.scale, "harness.cell": cell,
+                "harness.attempt": attempt, "harness.gpus_per_job": per_job}
+        if per_job > 1:
+            tags["harness.deepspeed"] = deepspeed
+        cmd = [*job_command(per_job, deepspeed), str(cfg_path),
+               *[a for k, v in tags.items() for a in ("--tag", f"{k}={v}")], "--result", str(result_path)]
         parent = self.ledger.attr(PARENT_RUN)
         if parent:
             cmd += ["--parent-run-id", parent]
@@ -127,9 +191,9 @@ class Worker:
             out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=REPO_ROOT, env=job_env(), start_new_session=True,
+                                    cwd=REPO_ROOT, env=job_env(self.opts.gpus), start_new_session=True,
                                     preexec_fn=die_with_parent())
-        beat = Heartbeat(self.ledger, trial._trial_id, interval=min(10.0, self.ledger.stale_after / 4))
+        beat = Heartbeat(self.ledger, trial._trial_id, interval=min(30.0, self.ledger.stale_after / 4))
         beat.start()
         stopped_at: float | None = None
         while True:
@@ -163,10 +227,12 @@ class Worker:
                 outcome = {**base, "state": "interrupted", "error": "stopped by a signal to the worker"}
             else:
                 outcome = {**base, "state": "failed", "error": _failure(rc, result, log_path), "retry": rc != 2}
-            # Queue the next attempt before settling this one: a crash in between leaves the cell queued.
-            if outcome.get("retry", True):
+            # Outcome, then the next attempt, then settle: a crash in between leaves the cell queued, and a worker
+            # popping the next attempt sees (by the outcome) that this one is on its way out, not a rival.
+            settled = self.ledger.note(trial._trial_id, outcome)
+            if settled and outcome.get("retry", True):
                 self.ledger.requeue(cell, settling=trial, failed=outcome["state"] == "failed")
-            settled = self.ledger.settle(trial._trial_id, TrialState.FAIL, outcome)
+            settled = settled and self.ledger.settle(trial._trial_id, TrialState.FAIL)
         if not settled:
             log.warning("cell %s attempt %d was settled by another process first", cell, attempt)
         log.info("cell %s attempt %d (%s): %s in %.0fs%s", cell, attempt, label, outcome["state"], duration,
@@ -196,12 +262,12 @@ class Heartbeat(threading.Thread):
         self.join()
 
 
-def job_env() -> dict[str, str]:
-    from harness import tracking
-
+def job_env(gpus: tuple[str, ...] | None = None) -> dict[str, str]:
+    # MLflow store: the job's own default ($MLFLOW_TRACKING_URI, else under $HARNESS_RESULTS), as the driver's.
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()  # explicit, so the job and the sweep agree
     env["PYTHONUNBUFFERED"] = "1"
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     if not env.get("CUDA_VISIBLE_DEVICES"):
         # CPU jobs run side by side, one per core: extra BLAS/OpenMP threads would only contend.
         env.setdefault("OMP_NUM_THREADS", "1")

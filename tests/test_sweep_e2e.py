@@ -1,0 +1,79 @@
+"""End to end: the repo's sweep at a tiny proxy size, through the real CLI and the real train job, into a real
+MLflow sqlite store in a tmp dir; then a resume that must run nothing and create no new job runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.spec import load_spec, make_plan
+
+pytestmark = pytest.mark.slow
+
+# Both objectives x batch_ratio [1, 2], one seed, two rollout batches of a 1-layer proxy: seconds per job.
+TINY = ["rollout_batches=2", "batch_ratio=[1,2]", "iterations=1", "proxy.warmstart_steps=20",
+        "proxy.hidden_size=32", "proxy.intermediate_size=64", "proxy.num_hidden_layers=1", "val_prompts=8",
+        "generation_batch_size=16", "trl.num_generations=4", "trl.per_device_train_batch_size=8",
+        "trl.max_completion_length=24"]
+
+
+def harness(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_tiny_sweep_end_to_end_then_resume(tmp_path):
+    results = tmp_path / "results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("HARNESS_TRAIN_CMD", None)
+    env.pop("HARNESS_RESULTS", None)
+    sets = [a for s in TINY for a in ("--set", s)]
+    argv = ["sweep", "grpo-vs-cfpo", "--scale", "proxy", "--workers", "2", "--results-dir", str(results), *sets]
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy", TINY)
+    cells = {c.hash: c for c in plan.cells}
+    assert len(cells) == 4 and {c.axes["objective"] for c in plan.cells} == {"grpo", "cfpo"}
+
+    first = harness(env, *argv)
+    assert first.returncode == 0, first.stdout + first.stderr
+    sweep_dir = results / "grpo-vs-cfpo" / "proxy"
+    ledger = Ledger(open_storage(str(sweep_dir / "ledger.journal")), "grpo-vs-cfpo/proxy", create=False)
+    assert {c.hash: (c.state, c.attempt) for c in ledger.cells()} == {h: ("complete", 1) for h in cells}
+    for h in cells:
+        assert (sweep_dir / "jobs" / h / "result.json").is_file()
+        assert (sweep_dir / "jobs" / h / "attempt-1.log").is_file()
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("grpo-vs-cfpo/proxy")
+    assert exp is not None and exp.artifact_location.startswith("file://")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("harness.sweep") == "true"]
+    children = [r for r in runs if "harness.cell" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and len(runs) == 5
+    for r in children:
+        t = r.data.tags
+        assert r.info.status == "FINISHED" and t["harness.status"] in ("complete", "diverged")
+        assert t["mlflow.parentRunId"] == parents[0].info.run_id
+        assert t["harness.study"] == "grpo-vs-cfpo" and t["harness.scale"] == "proxy" and t["harness.attempt"] == "1"
+        # The job's own config hash is the sweep's cell identity: the ledger and MLflow name the same thing.
+        assert t["harness.config_hash"] == t["harness.cell"] and t["harness.cell"] in cells
+        assert r.data.params["rollout_batches"] == "2"
+        assert t["objective"] == cells[t["harness.cell"]].axes["objective"]
+
+    # Resume: every cell is complete, so nothing runs and no job run is created; only a new parent run.
+    again = harness(env, *argv)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 new, 0 retried, 4 done" in again.stdout
+    runs = client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if "harness.cell" in r.data.tags]) == 4
+    assert len([r for r in runs if r.data.tags.get("harness.sweep") == "true"]) == 2
+    assert not list(sweep_dir.glob("jobs/*/attempt-2.log"))
+
+    status = harness(env, "status", "grpo-vs-cfpo", "--results-dir", str(results))
+    assert status.returncode == 0, status.stderr
+    assert all(h in status.stdout for h in cells) and "4 complete" in status.stdout
