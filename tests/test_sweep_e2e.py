@@ -15,7 +15,7 @@ from harness.sweep.spec import load_spec, make_plan
 pytestmark = pytest.mark.slow
 
 # Both objectives x batch_ratio [1, 2], one seed, two rollout batches of a 1-layer proxy: seconds per job.
-TINY = ["rollout_batches=2", "batch_ratio=[1,2]", "iterations=1", "proxy.warmstart_steps=20",
+TINY = ["rollout_batches=2", "batch_ratio=[1,2]", "iterations=1", "seed=[0]", "proxy.warmstart_steps=20",
         "proxy.hidden_size=32", "proxy.intermediate_size=64", "proxy.num_hidden_layers=1", "val_prompts=8",
         "generation_batch_size=16", "trl.num_generations=4", "trl.per_device_train_batch_size=8",
         "trl.max_completion_length=24"]

@@ -33,8 +33,8 @@ def test_repo_spec_proxy_grid():
     spec, path = load_spec("grpo-vs-cfpo")
     plan = make_plan(spec, path, "proxy")
     assert plan.experiment == "grpo-vs-cfpo/proxy"
-    assert len(plan.cells) == 2 * 2 * 2 * 1  # objective x batch_ratio [1,4] x iterations [1,4] x 1 seed
-    assert {c.config.rollout_batches for c in plan.cells} == {40}  # one budget: cells differ only in reuse
+    assert len(plan.cells) == 2 * 2 * 2 * 3  # objective x batch_ratio [1,4] x iterations [1,4] x 3 seeds
+    assert {c.config.rollout_batches for c in plan.cells} == {30}  # one budget: cells differ only in reuse
     assert all(c.config.experiment == "grpo-vs-cfpo/proxy" for c in plan.cells)
     # The paper scale has the full 4x4 grid for both objectives and three seeds.
     assert spec.scales.paper.base["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
