@@ -40,3 +40,11 @@ test *args:
 bench:
     {{python}} -m harness.bench
     {{python}} -m analysis.bench
+
+# MLflow UI on the harness's store ($MLFLOW_TRACKING_URI, else results/mlflow.db): just ui --port 5000
+ui *args:
+    {{python}} -m harness.ui mlflow "$@"
+
+# optuna-dashboard on a sweep's ledger: just dashboard grpo-vs-cfpo --scale proxy --port 8080
+dashboard name *args:
+    {{python}} -m harness.ui dashboard "$@"

@@ -7,4 +7,6 @@
 Modules: `spec` (spec file, validation, cells), `ledger` (cell states in Optuna storage), `worker` (pulls cells
 and runs `python -m harness train`), `driver` (one `sweep` invocation: validate, enqueue, launch, watch),
 `runs` (the sweep's MLflow parent run, stale runs), `display` (live progress, status table), `cli`.
+GPU packing and the job's command line (`accelerate launch` for multi-GPU cells) are in `harness.launch`;
+several machines and GPUs: docs/SCALE_OUT.md.
 """
