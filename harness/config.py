@@ -131,12 +131,14 @@ class BatchShape:
     optimizer_steps_per_rollout_batch: int
 
 
-def shape_of(cfg: JobConfig) -> BatchShape:
-    """generation batch = micro-batch x steps_per_generation; optimizer batch = micro-batch x grad accumulation.
+def shape_of(cfg: JobConfig, num_processes: int = 1) -> BatchShape:
+    """Per-process TRL knobs for the global batch sizes the user asked for.
 
-    batch_ratio = steps_per_generation / gradient_accumulation_steps, so each pass over a rollout batch is
-    batch_ratio optimizer steps and the batch receives batch_ratio x iterations steps in all. With this mapping
-    TRL computes old log-probs exactly when batch_ratio x iterations > 1 (see NOTES §2).
+    generation batch = processes x micro-batch x steps_per_generation; optimizer batch = processes x micro-batch
+    x grad accumulation; batch_ratio = steps_per_generation / gradient_accumulation_steps, so each pass over a
+    rollout batch is batch_ratio optimizer steps and the batch receives batch_ratio x iterations steps in all.
+    With this mapping TRL computes old log-probs exactly when batch_ratio x iterations > 1 (see NOTES §2).
+    `generation_batch_size` is global, so a cell computes the same experiment on 1 or k GPUs.
     """
     gen = cfg.generation_batch_size
     g = cfg.trl.get("num_generations", 8)
@@ -148,16 +150,17 @@ def shape_of(cfg: JobConfig) -> BatchShape:
     if gen % cfg.batch_ratio:
         raise ValueError(f"generation_batch_size={gen} must be divisible by batch_ratio={cfg.batch_ratio}")
     optimizer_batch = gen // cfg.batch_ratio
-    if optimizer_batch % micro:
+    if optimizer_batch % (micro * num_processes):
         raise ValueError(
             f"optimizer batch generation_batch_size/batch_ratio={optimizer_batch} must be divisible by "
-            f"trl.per_device_train_batch_size={micro}")
+            f"trl.per_device_train_batch_size={micro}" + (f" x {num_processes} processes" if num_processes > 1 else ""))
     if micro % g and g % micro:
         raise ValueError(f"trl.per_device_train_batch_size={micro} and trl.num_generations={g} must divide one another")
+    per_process = micro * num_processes
     return BatchShape(
         per_device_train_batch_size=micro,
-        steps_per_generation=gen // micro,
-        gradient_accumulation_steps=optimizer_batch // micro,
+        steps_per_generation=gen // per_process,
+        gradient_accumulation_steps=optimizer_batch // per_process,
         num_iterations=cfg.iterations,
         optimizer_steps_per_rollout_batch=cfg.batch_ratio * cfg.iterations,
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -72,7 +73,11 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
 
     # Everything that can be rejected is checked before the MLflow run exists.
     device = resolve_device(cfg.device)
-    shape = shape_of(cfg)
+    world, main = process_group()
+    try:
+        shape = shape_of(cfg, world)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.output_dir}: {e}") from None
     args = grpo_config(cfg, shape, device)
     objective, task = get_objective(cfg.objective), get_task(cfg.task)
     if cfg.model == "proxy" and not task.alphabet:
@@ -80,12 +85,15 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     digest = config_hash(cfg)
     run_tags = {"objective": cfg.objective, "batch_ratio": str(cfg.batch_ratio), "iterations": str(cfg.iterations),
                 "seed": str(cfg.seed), "harness.config_hash": digest, "harness.status": "running",
                 "harness.device": device, **tracking.git_state(), **tracking.package_versions(), **(tags or {})}
-    logger = tracking.RunLogger(cfg.experiment, f"{cfg.objective}-br{cfg.batch_ratio}-it{cfg.iterations}-s{cfg.seed}",
+    # Under `accelerate launch` every process runs this function; only rank 0 records anything.
+    logger_cls = tracking.RunLogger if main else tracking.SilentRunLogger
+    logger = logger_cls(cfg.experiment, f"{cfg.objective}-br{cfg.batch_ratio}-it{cfg.iterations}-s{cfg.seed}",
                                 run_tags, parent_run_id)
     log.info("MLflow run %s in experiment %r (%s)", logger.run_id, cfg.experiment, tracking.tracking_uri())
     _terminate_as_interrupt()
@@ -96,9 +104,10 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
                            "optimizer_steps_per_rollout_batch": str(shape.optimizer_steps_per_rollout_batch),
                            "trl.steps_per_generation": str(shape.steps_per_generation),
                            "trl.gradient_accumulation_steps": str(shape.gradient_accumulation_steps)})
-        logger.log_artifact(out / "config.yaml")
+        if main:
+            logger.log_artifact(out / "config.yaml")
         torch.set_num_threads(cfg.torch_threads)
-        result.update(_train(cfg, args, shape, objective, task, logger))
+        result.update(_train(cfg, args, shape, objective, task, logger, main))
     except KeyboardInterrupt:
         logger.set_tags({"harness.status": "killed"})
         logger.finish("KILLED")
@@ -110,6 +119,8 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
     result["wall_s"] = round(time.time() - t0, 1)
     logger.set_tags({"harness.status": result["status"]})
     logger.finish("FINISHED")
+    if not main:
+        return result
     path = Path(result_path) if result_path else out / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -117,7 +128,7 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
     return result
 
 
-def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> dict[str, Any]:
+def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, main: bool) -> dict[str, Any]:
     from transformers import PrinterCallback
 
     from harness.callbacks import DivergenceGuard, GreedyValidation, MLflowMetrics, ProgressReport
@@ -146,8 +157,8 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
     trainer = HarnessGRPOTrainer(model=model_path, processing_class=tokenizer,
                                  reward_funcs=task.reward_func(tokenizer.eos_token_id), args=args,
                                  train_dataset=task.train_dataset(cfg.train_prompts, cfg.seed, chat),
-                                 callbacks=[metrics, guard, validation,
-                                            ProgressReport(shape.optimizer_steps_per_rollout_batch)],
+                                 callbacks=[metrics, guard, *([validation, ProgressReport(
+                                     shape.optimizer_steps_per_rollout_batch)] if main else [])],
                                  objective=objective)
     trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
@@ -181,6 +192,11 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger) -> 
     return {"status": status, "steps": trainer.state.global_step, "train_s": round(train_s, 3), "final": final,
             "steps_per_rollout_batch": steps_per_batch, "steps_per_rollout_batch_expected": expected,
             "diverged_at": guard.diverged_at}
+
+
+def process_group() -> tuple[int, bool]:
+    """(number of processes, whether this is rank 0) as set by `accelerate launch` / torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
 
 
 def _terminate_as_interrupt() -> None:

@@ -133,6 +133,28 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
 
 
+class SilentRunLogger(RunLogger):
+    """What ranks other than 0 of a multi-process job get: the same interface, recording nothing."""
+
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
+        self.run_id = None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

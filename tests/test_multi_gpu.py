@@ -44,7 +44,7 @@ json.dump({"status": "complete", "run_id": "none", "final": {"val/reward": 0.5}}
 SPEC = {
     "study": "mgpu",
     "base": {"model": "proxy", "task": "chain-sum", "generation_batch_size": 16, "val_prompts": 8,
-             "trl": {"num_generations": 4, "per_device_train_batch_size": 8}},
+             "trl": {"num_generations": 4, "per_device_train_batch_size": 4}},
     "axes": {"objective": ["grpo", "cfpo"], "batch_ratio": [1, 2]},
     "seeds": [0],
     "scales": {"paper": {"base": {"rollout_batches": 2}},

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from harness.config import ConfigError, JobConfig, ProxyModel, build_config, config_hash, deep_merge
+from harness.config import ConfigError, JobConfig, ProxyModel, build_config, config_hash, deep_merge, shape_of
 
 ScaleName = Literal["paper", "proxy"]
 SCALES: tuple[str, ...] = ("paper", "proxy")
@@ -200,7 +200,13 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
             raw_cfg = deep_merge(base, _nest(point))
             raw_cfg.update(seed=seed, experiment=experiment)
             label = " ".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())
-            cfg = build_config(raw_cfg, f"{path}: scales.{scale}: cell {label}")
+            where = f"{path}: scales.{scale}: cell {label}"
+            cfg = build_config(raw_cfg, where)
+            if s.gpus_per_job > 1:  # the global batch must split evenly over the job's processes
+                try:
+                    shape_of(cfg, s.gpus_per_job)
+                except ValueError as e:
+                    raise ConfigError(f"{where}: gpus_per_job={s.gpus_per_job}: {e}") from None
             digest = config_hash(cfg)
             if digest in seen:
                 raise ConfigError(f"{path}: scales.{scale}: cells {seen[digest]!r} and {label!r} are the same job")
