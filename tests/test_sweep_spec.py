@@ -178,3 +178,14 @@ def test_status_and_worker_need_an_existing_ledger(tmp_path, monkeypatch, capsys
         assert main([cmd, str(path), "--scale", "proxy"]) == 2
         assert "no ledger" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_any_job_field_is_an_axis(tmp_path):
+    """The README's ablation: does CFPO's stability lean on gradient clipping? One more axis, a spec edit."""
+    spec = {**TINY, "scales": {**TINY["scales"], "proxy": {"base": {"rollout_batches": 2}, "seeds": [0],
+                                                            "axes": {"trl.max_grad_norm": [1.0, 0.0]}}}}
+    path = write_spec(tmp_path, spec)
+    plan = make_plan(*load_spec(str(path)), "proxy")
+    assert len(plan.cells) == 2 * 2 * 2
+    assert {c.config.trl["max_grad_norm"] for c in plan.cells} == {1.0, 0.0}
+    assert {c.axes["trl.max_grad_norm"] for c in plan.cells} == {1.0, 0.0}
