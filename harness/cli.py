@@ -43,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Run the chosen subcommand; a ConfigError is one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)

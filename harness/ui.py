@@ -185,12 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from harness.cli import dispatch
+
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":
