@@ -6,6 +6,7 @@ for the offline proxy the worked solutions used by the supervised warm start and
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,19 +36,21 @@ class Row:
     solution: str  # a worked completion ending in the answer (proxy warm start only)
 
 
-class Task:
+class Task(ABC):
     name: str
     alphabet: str = ""  # characters the proxy tokenizer needs; empty for tasks that bring a real tokenizer
 
+    @abstractmethod
     def train_rows(self, n: int, seed: int) -> list[Row]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def val_rows(self, n: int) -> list[Row]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def score(self, completion: str, answer: str) -> float:
         """1.0 for a correct, complete answer, else 0.0."""
-        raise NotImplementedError
 
     def train_dataset(self, n: int, seed: int, chat: bool = False) -> Dataset:
         """chat: prompts as a user message, so TRL applies the model's chat template."""

@@ -25,6 +25,7 @@ symbols (\\boxed{5 dollars} != 5), and sign matters.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 import logging
 import os
 import random
@@ -177,8 +178,9 @@ class _ReasoningTask(Task):
     def __init__(self) -> None:
         self._rows: dict[str, list[Row]] = {}
 
+    @abstractmethod
     def _to_row(self, record: dict[str, Any]) -> Row | None:
-        raise NotImplementedError
+        """One record of the data set as a Row; None drops a record without a usable answer."""
 
     def _records(self, split: str) -> list[dict[str, Any]]:
         local = os.environ.get(self.env_var)
