@@ -189,3 +189,17 @@ def test_any_job_field_is_an_axis(tmp_path):
     assert len(plan.cells) == 2 * 2 * 2
     assert {c.config.trl["max_grad_norm"] for c in plan.cells} == {1.0, 0.0}
     assert {c.axes["trl.max_grad_norm"] for c in plan.cells} == {1.0, 0.0}
+
+
+def test_repo_proxy_scale_uses_the_calibrated_proxy_config():
+    """configs/proxy.yaml holds the calibrated proxy (docs/CALIBRATION.md); the sweep's proxy scale must build
+    the same warm-started model and train with the same knobs, so the two never drift apart silently."""
+    from harness.config import load_config
+
+    calibrated = load_config(REPO / "configs" / "proxy.yaml")
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy")
+    for cell in plan.cells:
+        assert cell.config.proxy == calibrated.proxy
+        assert cell.config.task == calibrated.task and cell.config.generation_batch_size == 64
+        for knob, value in calibrated.trl.items():
+            assert cell.config.trl[knob] == value, knob
