@@ -203,3 +203,10 @@ def test_repo_proxy_scale_uses_the_calibrated_proxy_config():
         assert cell.config.task == calibrated.task and cell.config.generation_batch_size == 64
         for knob, value in calibrated.trl.items():
             assert cell.config.trl[knob] == value, knob
+
+
+@pytest.mark.parametrize("spec_file", sorted(p.name for p in (REPO / "sweeps").glob("*.yaml")))
+def test_every_repo_spec_is_valid_at_both_scales(spec_file):
+    spec, path = load_spec(str(REPO / "sweeps" / spec_file))
+    for scale in ("proxy", "paper"):
+        assert make_plan(spec, path, scale).cells
