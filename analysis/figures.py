@@ -25,6 +25,7 @@ from analysis.stats import LEVEL, mean_ci
 from analysis.style import objective_order, objective_styles
 
 PANEL_IN = (3.2, 2.3)  # inches per curve panel
+MIN_WIDTH_IN = 6.9  # room for a two-line title and two legend columns of ablation labels
 CELL_IN = (1.1, 0.8)  # inches per heatmap cell
 HATCH = "xx"  # marks collapsed cells on the stable-regime map
 HEADLINE = "stable_regime"
@@ -48,7 +49,9 @@ def curve_figure(data: StudyData, metric: str | CurveMetric) -> Figure:
     ratios, iters = grid_axes(data.runs)
     styles = objective_styles(data.runs["objective"])
     bands = curve_bands(data.metric(spec.key))
-    fig = Figure(figsize=(PANEL_IN[0] * len(iters) + 0.5, PANEL_IN[1] * len(ratios) + 1.0), layout="constrained")
+    # at least MIN_WIDTH_IN wide, so the title and the legend fit a one-panel study (an ablation at one cell)
+    fig = Figure(figsize=(max(PANEL_IN[0] * len(iters) + 0.5, MIN_WIDTH_IN), PANEL_IN[1] * len(ratios) + 1.0),
+                 layout="constrained")
     axes = fig.subplots(len(ratios), len(iters), squeeze=False, sharex=True, sharey=True)
     panels = dict(iter(bands.groupby(["batch_ratio", "iterations"])))
     for r, b in enumerate(ratios):
@@ -133,7 +136,9 @@ def _annotate(ax: Axes, i: int, j: int, row: pd.Series | None, col: str, span: t
 
 def _legend(fig: Figure, styles: dict[str, dict[str, str]]) -> None:
     handles = [Line2D([], [], label=o, **st) for o, st in styles.items()]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), title="objective")
+    # long labels (objective + ablation axes) go two per row; plain objectives side by side
+    ncols = len(handles) if all(len(h.get_label()) <= 12 for h in handles) else min(2, len(handles))
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, title="objective")
 
 
 def save(fig: Figure, folder: str | Path, stem: str) -> list[Path]:

@@ -7,6 +7,7 @@ count, and of those the latest; cells with none are listed as excluded, under th
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import pandas as pd
@@ -44,6 +45,16 @@ class RunInfo:
         return self.usable and self.mlflow_status == "FINISHED"
 
 
+GRID_AXES = ("objective", "batch_ratio", "iterations", "seed")
+
+
+def line_label(tags: dict[str, str]) -> str:
+    """The objective, plus the values of any sweep axis beyond the grid (e.g. `cfpo trl.max_grad_norm=0.0`):
+    runs that differ in an ablation axis are separate lines, never pooled as if they were seeds."""
+    extra = {k: v for k, v in json.loads(tags.get("harness.axes") or "{}").items() if k not in GRID_AXES}
+    return " ".join([tags["objective"], *(f"{k}={v}" for k, v in sorted(extra.items()))])
+
+
 def run_info(run: Run) -> RunInfo | None:
     """RunInfo of a training run; None for the sweep's parent run and runs without the contract's tags."""
     tags, params = run.data.tags, run.data.params
@@ -54,7 +65,7 @@ def run_info(run: Run) -> RunInfo | None:
         info = RunInfo(
             run_id=run.info.run_id,
             cell=tags.get("harness.cell") or tags.get("harness.config_hash") or run.info.run_id,
-            objective=tags["objective"],
+            objective=line_label(tags),
             batch_ratio=batch_ratio,
             iterations=iterations,
             seed=int(tags["seed"]),

@@ -117,3 +117,13 @@ def test_layout(tmp_path):
     (tmp_path / "x.db").touch()
     assert missing_sqlite_file(f"sqlite:///{tmp_path / 'x.db'}") is None
     assert missing_sqlite_file("http://mlflow:5000") is None
+
+
+def test_ablation_axes_split_lines_instead_of_pooling_them_as_seeds():
+    from analysis.runs import line_label
+
+    assert line_label({"objective": "cfpo"}) == "cfpo"  # a run made outside a sweep
+    axes = '{"batch_ratio": 4, "iterations": 4, "objective": "cfpo", "seed": 1, "trl.max_grad_norm": 0.0}'
+    assert line_label({"objective": "cfpo", "harness.axes": axes}) == "cfpo trl.max_grad_norm=0.0"
+    grid_only = '{"batch_ratio": 4, "iterations": 1, "objective": "grpo", "seed": 0}'
+    assert line_label({"objective": "grpo", "harness.axes": grid_only}) == "grpo"

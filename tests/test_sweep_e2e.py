@@ -2,6 +2,7 @@
 MLflow sqlite store in a tmp dir; then a resume that must run nothing and create no new job runs."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
         assert t["harness.config_hash"] == t["harness.cell"] and t["harness.cell"] in cells
         assert r.data.params["rollout_batches"] == "2"
         assert t["objective"] == cells[t["harness.cell"]].axes["objective"]
+        assert json.loads(t["harness.axes"]) == cells[t["harness.cell"]].axes  # what analysis draws lines by
 
     # Resume: every cell is complete, so nothing runs and no job run is created; only a new parent run.
     again = harness(env, *argv)

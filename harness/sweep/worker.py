@@ -174,7 +174,8 @@ class Worker:
             self.stop.set()
             return
         tags = {"harness.study": self.opts.study, "harness.scale": self.opts.scale, "harness.cell": cell,
-                "harness.attempt": attempt, "harness.gpus_per_job": per_job}
+                "harness.attempt": attempt, "harness.gpus_per_job": per_job,
+                "harness.axes": json.dumps(trial.user_attrs[AXES], sort_keys=True)}
         if per_job > 1:
             tags["harness.deepspeed"] = deepspeed
         cmd = [*job_command(per_job, deepspeed), str(cfg_path),
