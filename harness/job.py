@@ -77,7 +77,7 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
     try:
         shape = shape_of(cfg, world)
     except ValueError as e:
-        raise ConfigError(f"{cfg.output_dir}: {e}") from None
+        raise ConfigError(f"batch shape over {world} processes: {e}") from None
     args = grpo_config(cfg, shape, device)
     objective, task = get_objective(cfg.objective), get_task(cfg.task)
     if cfg.model == "proxy" and not task.alphabet:

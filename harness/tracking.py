@@ -10,6 +10,7 @@ import fcntl
 import importlib.metadata
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,4 @@ def _is_number(v: Any) -> bool:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
