@@ -70,7 +70,12 @@ class GreedyValidation(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._evaluate(state.global_step, model, processing_class)
 
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
+        # on_log, not on_step_end: callbacks see a step's logs in order, so the DivergenceGuard (registered
+        # first) has judged this step before we decide to evaluate. A diverged policy is never evaluated,
+        # whichever step it diverged on; the analysis scores it 0 from the divergence on.
+        if "loss" not in (logs or {}):  # the end-of-training summary, not a step
+            return
         if state.global_step % self.every_steps == 0 and self.guard.diverged_at is None:
             self._evaluate(state.global_step, model, processing_class)
 

@@ -250,9 +250,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     return build_config(deep_merge(raw, parse_overrides(list(overrides))), source)
 
 
-def config_hash(cfg: JobConfig) -> str:
+def config_hash(cfg: JobConfig, *, without_seed: bool = False) -> str:
     """Stable hash of everything that changes what a job computes (where it logs and writes excluded; the
-    proxy section only counts for proxy jobs)."""
+    proxy section only counts for proxy jobs). `without_seed=True` gives the replicate hash: runs that share
+    it differ only in their seed, so the analysis may treat them as seeds of one experiment."""
     exclude = {"output_dir", "experiment", "torch_threads"} | ({"proxy"} if cfg.model != "proxy" else set())
+    if without_seed:
+        exclude.add("seed")
     d = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -89,7 +89,8 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     digest = config_hash(cfg)
     run_tags = {"objective": cfg.objective, "batch_ratio": str(cfg.batch_ratio), "iterations": str(cfg.iterations),
-                "seed": str(cfg.seed), "harness.config_hash": digest, "harness.status": "running",
+                "seed": str(cfg.seed), "harness.config_hash": digest,
+                "harness.replicate_hash": config_hash(cfg, without_seed=True), "harness.status": "running",
                 "harness.device": device, **tracking.git_state(), **tracking.package_versions(), **(tags or {})}
     # Under `accelerate launch` every process runs this function; only rank 0 records anything.
     logger_cls = tracking.RunLogger if main else tracking.SilentRunLogger

@@ -74,12 +74,16 @@ def grpo_clipped(log_ratio, advantages, eps_low, eps_high) -> ObjectiveTerms:
 def cfpo_quadratic(log_ratio, advantages, eps_low, eps_high) -> ObjectiveTerms:
     """Clipping-free policy optimization (arXiv 2601.22801), also SPO's objective (arXiv 2401.16025):
 
-        J = r A - |A| / (2 eps) (r - 1)^2,  eps = TRL `epsilon` (eps_low); eps_high is unused.
+        J = r A - |A| / (2 eps) (r - 1)^2,  eps = eps_high where A > 0, else eps_low
 
-    dJ/dr = A - |A|/eps (r - 1) vanishes exactly at r = 1 + eps sign(A), the clip boundary.
+    eps_low is TRL's `epsilon`, eps_high its `epsilon_high` (TRL: defaults to `epsilon`, which gives the
+    paper's single-eps objective). dJ/dr = A - |A|/eps (r - 1) vanishes exactly at r = 1 + eps sign(A): the
+    penalty's optimum sits on the clip boundary the same knobs give GRPO, asymmetric ones (DAPO's clip-higher)
+    included, so a cfpo-vs-grpo comparison with `epsilon_high` set compares like with like.
     """
     r = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     surrogate = r * advantages
-    penalty = advantages.abs() / (2.0 * eps_low) * (r - 1.0) ** 2
+    eps = torch.full_like(advantages, eps_low).masked_fill(advantages > 0, eps_high)
+    penalty = advantages.abs() / (2.0 * eps) * (r - 1.0) ** 2
     return ObjectiveTerms(per_token_loss=-(surrogate - penalty),
                           extras={"penalty": penalty.detach(), "surrogate": surrogate.detach()})

@@ -8,12 +8,13 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from harness.objectives import SHARED_LOSS_TYPES
-from harness.objectives import Objective
+from harness.objectives import SHARED_LOSS_TYPES, Objective
 
 
 class HarnessGRPOTrainer(GRPOTrainer):
@@ -145,6 +146,17 @@ class HarnessGRPOTrainer(GRPOTrainer):
         return (per_token_loss * mask).sum() / normalizer
 
     # ------------------------------------------------------------------------------------------ metrics
+    EXTREMES = {"ratio/max": max, "ratio/min": min}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL averages every metric over the logging window's micro-batches; extremes must stay extremes."""
+        mode = "train" if self.model.training else "eval"
+        for key, reduce in self.EXTREMES.items():
+            values = [v for v in self._metrics[mode].pop(key, []) if not math.isnan(v)]
+            if values:
+                logs[f"eval_{key}" if mode == "eval" else key] = reduce(values)
+        super().log(logs, start_time)
+
     def _global_masked_mean(self, x, mask) -> float:
         if x.shape[1] == 1:
             s, c = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
@@ -175,10 +187,14 @@ class HarnessGRPOTrainer(GRPOTrainer):
         gmm = lambda x: self._global_masked_mean(x, mask)  # noqa: E731
         m["ratio/mean"].append(gmm(r))
         m["ratio/abs_dev_mean"].append(gmm((r - 1).abs()))
-        valid = r[mask.bool()]
-        if valid.numel():
-            m["ratio/max"].append(self.accelerator.gather(valid.max()).max().item())
-            m["ratio/min"].append(self.accelerator.gather(valid.min()).min().item())
+        # Extremes over this micro-batch, all processes; `log` turns them into extremes over the optimizer step.
+        # The gather runs on every rank unconditionally (a rank without tokens sends ±inf): a collective in a
+        # data-dependent branch would hang the other ranks.
+        live = mask.bool()
+        hi = self.accelerator.gather(torch.where(live, r, -torch.inf).amax()).max().item()
+        lo = self.accelerator.gather(torch.where(live, r, torch.inf).amin()).min().item()
+        m["ratio/max"].append(hi if hi != -float("inf") else float("nan"))
+        m["ratio/min"].append(lo if lo != float("inf") else float("nan"))
         # k3 estimator of KL(pi_rollout || pi_theta) on tokens sampled from pi_rollout: (r - 1) - log r >= 0
         m["rollout_kl"].append(gmm((r - 1) - log_ratio))
         for key, value in extras.items():

@@ -57,6 +57,19 @@ def test_cfpo_gradient_vanishes_at_clip_boundary():
         assert torch.all(worse > best)
 
 
+def test_cfpo_epsilon_high_moves_the_optimum_on_the_positive_side_only():
+    """With TRL's epsilon_high set, CFPO's zero-gradient point follows GRPO's asymmetric clip boundary:
+    r = 1 + eps_high for A > 0, r = 1 - eps_low for A < 0; golden values from the formula with eps_high."""
+    eps_low, eps_high = 0.2, 0.28
+    adv = torch.tensor([[1.3], [-0.4]], dtype=torch.float64)
+    r_star = torch.tensor([[1 + eps_high], [1 - eps_low]], dtype=torch.float64)
+    _, grad = loss_and_grad(cfpo_quadratic, r_star.log(), adv, eps_low, eps_high)
+    assert torch.all(grad.abs() < 1e-12)
+    loss, _ = loss_and_grad(cfpo_quadratic, torch.tensor([[math.log(1.5)]], dtype=torch.float64),
+                            torch.tensor([[2.0]], dtype=torch.float64), eps_low, eps_high)
+    assert loss.item() == pytest.approx(-(1.5 * 2 - 2 / (2 * eps_high) * 0.25), abs=1e-12)
+
+
 def test_cfpo_equals_grpo_at_ratio_one():
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(16, 1, generator=g, dtype=torch.float64)

@@ -4,6 +4,8 @@
 - the harness's objective pipeline, fed TRL's clipped formula, reproduces stock TRL for every supported
   aggregation and with the KL penalty on: so CFPO shares masks, aggregation and KL handling with GRPO;
 - CFPO equals GRPO, loss and gradients, when the ratio is exactly 1.
+Shapes: steps_per_generation 2 with no gradient accumulation, and steps_per_generation 4 over gradient
+accumulation 2 (two micro-batches per optimizer step: the path where dapo rescales its normaliser).
 """
 import pytest
 import torch
@@ -32,14 +34,15 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def trained_trainer(model_dir, tmp_path, beta, objective="grpo"):
-    """A trainer after 3 optimizer steps on one rollout batch used for 2 iterations x 2 steps: its buffered
+def trained_trainer(model_dir, tmp_path, beta, objective="grpo", steps_per_generation=2, accumulation=1):
+    """A trainer after 3 optimizer steps on one rollout batch used for 2 iterations: its buffered
     micro-batches carry old log-probs from a policy that has since moved (r != 1)."""
     from datasets import Dataset
 
     args = GRPOConfig(
         output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
-        per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=1,
+        per_device_train_batch_size=8, num_generations=4, steps_per_generation=steps_per_generation,
+        gradient_accumulation_steps=accumulation,
         num_iterations=2, max_steps=3, max_completion_length=12, learning_rate=5e-2, beta=beta, seed=0,
         logging_steps=1, save_strategy="no", disable_tqdm=True)
     data = Dataset.from_dict({"prompt": [f"{a}+{a + 1}+7=" for a in range(10, 60)]})
@@ -64,9 +67,14 @@ def stock(trainer):
     return lambda model, inputs: GRPOTrainer._compute_loss(trainer, model, inputs)
 
 
-@pytest.fixture(scope="module", params=[0.0, 0.1], ids=["beta0", "beta0.1"])
+@pytest.fixture(scope="module", params=[(0.0, 2, 1), (0.1, 2, 1), (0.1, 4, 2)],
+                ids=["beta0", "beta0.1", "beta0.1-spg4-ga2"])
 def reused_batch(request, model_dir, tmp_path_factory):
-    return trained_trainer(model_dir, tmp_path_factory.mktemp("out"), beta=request.param)
+    beta, spg, ga = request.param
+    trainer, inputs = trained_trainer(model_dir, tmp_path_factory.mktemp("out"), beta=beta,
+                                      steps_per_generation=spg, accumulation=ga)
+    assert trainer.current_gradient_accumulation_steps == ga and trainer.args.steps_per_generation == spg
+    return trainer, inputs
 
 
 def test_grpo_arm_is_bit_identical_to_stock_trl(reused_batch):
@@ -134,3 +142,23 @@ def test_unsupported_settings_are_rejected_for_custom_objectives(model_dir, tmp_
         HarnessGRPOTrainer(model=model_dir, reward_funcs=digit_reward, args=args,
                            train_dataset=Dataset.from_dict({"prompt": ["1+2+3="] * 8}),
                            objective=get_objective("cfpo"))
+
+
+def test_ratio_extremes_are_extremes_over_the_optimizer_step(reused_batch):
+    """TRL averages each metric over the micro-batches of a logging window; ratio/max and ratio/min must be
+    the largest and smallest ratio of the whole optimizer step instead."""
+    trainer, _ = reused_batch
+    logs: list[dict] = []
+    trainer.control.should_log = True
+    m = trainer._metrics["train"]
+    m.clear()
+    m["ratio/max"] += [1.5, 3.0, float("nan")]
+    m["ratio/min"] += [0.5, 0.9]
+    m["ratio/mean"] += [1.0, 2.0]
+    trainer.callback_handler.on_log = lambda args, state, control, logs_: logs.append(dict(logs_)) or control
+    try:
+        trainer.log({"loss": 0.0})
+    finally:
+        del trainer.callback_handler.on_log
+    assert logs[-1]["ratio/max"] == 3.0 and logs[-1]["ratio/min"] == 0.5
+    assert logs[-1]["ratio/mean"] == 1.5  # everything else keeps TRL's mean
