@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PROGRESS_ENV = "HARNESS_PROGRESS_FILE"  # set by a sweep worker: touched whenever a metric is stored
 PACKAGES = ("torch", "trl", "transformers", "accelerate", "mlflow", "vllm")
 
 
@@ -34,6 +35,27 @@ def cache_root() -> Path:
 def tracking_uri() -> str:
     """`$MLFLOW_TRACKING_URI`, else an embedded sqlite store under the results root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_root() / 'mlflow.db'}"
+
+
+def unreachable(uri: str | None = None, timeout_s: float = 5.0) -> str | None:
+    """None when the tracking store answers; else one line naming the server and what went wrong.
+
+    Only a server can go away (a local sqlite store is a file). Asked with one short request, no retries:
+    MLflow's own client retries for minutes, which is right for a job riding out a blip, wrong for a check.
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        answer = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        if answer.status_code == 200:
+            return None
+        why = f"HTTP {answer.status_code}"
+    except requests.RequestException as e:
+        why = type(e).__name__
+    return f"MLflow tracking server {uri} is unreachable ({why})"
 
 
 def client() -> MlflowClient:
@@ -125,6 +147,8 @@ class RunLogger:
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        if items and PROGRESS_ENV in os.environ:  # the sweep worker's stall detector watches this file's mtime
+            Path(os.environ[PROGRESS_ENV]).touch()
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

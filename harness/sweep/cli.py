@@ -27,6 +27,13 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                             "--set rollout_batches=2 --set batch_ratio=[1,2]")
     sweep.add_argument("--stale-after", type=float, default=120.0,
                        help="seconds without a heartbeat after which a worker on another machine counts as dead")
+    sweep.add_argument("--cell-timeout-min", type=float, default=None,
+                       help="wall-clock limit of one job, in minutes; past it the job is stopped and its attempt "
+                            "recorded as timeout (retried within --max-attempts); default: the scale's "
+                            "cell_timeout_min (6 h proxy, 72 h paper)")
+    sweep.add_argument("--stall-timeout-min", type=float, default=None,
+                       help="minutes a job may go without storing a metric before it counts as hung; default: "
+                            "the scale's stall_timeout_min (30 min proxy, 2 h paper)")
     sweep.add_argument("--timeout-min", type=int, default=24 * 60, help="--launcher slurm: time limit per worker job")
     sweep.add_argument("--partition", default=None, help="--launcher slurm: SLURM partition")
     sweep.set_defaults(func=_sweep)
@@ -67,10 +74,24 @@ def _results(args: argparse.Namespace) -> Path:
     return results_root()
 
 
+def _check_options(args: argparse.Namespace, writes: bool = True) -> None:
+    """Numbers and paths of the command line, before anything is written (harness.checks)."""
+    from harness.checks import finite_options, writable_dir, writable_file
+
+    finite_options(args)
+    if getattr(args, "timeout_min", 1) < 1:
+        raise ConfigError(f"--timeout-min {args.timeout_min}: allowed: 1 or more")
+    if writes:  # status only reads: a read-only results folder is fine there
+        writable_dir("--results-dir", args.results_dir or os.environ.get("HARNESS_RESULTS") or "results")
+        if args.storage and "://" not in args.storage:
+            writable_file("--storage", args.storage)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from harness.sweep.driver import SweepError, SweepOptions, run_sweep
     from harness.sweep.spec import check_other_scales, load_spec, make_plan, pick_scale
 
+    _check_options(args)
     spec, path = load_spec(args.name)
     scale, why = pick_scale(args.scale)
     print(f"scale: {scale} ({why})", flush=True)
@@ -83,7 +104,8 @@ def _sweep(args: argparse.Namespace) -> int:
         args.workers = default_workers(visible_gpus(), plan.gpus_per_job)
     opts = SweepOptions(workers=args.workers, storage=args.storage, max_attempts=args.max_attempts,
                         retry_failed=args.retry_failed, launcher=args.launcher, stale_after=args.stale_after,
-                        timeout_min=args.timeout_min, partition=args.partition)
+                        timeout_min=args.timeout_min, partition=args.partition,
+                        cell_timeout_min=args.cell_timeout_min, stall_timeout_min=args.stall_timeout_min)
     try:
         return run_sweep(plan, opts, _results(args))
     except SweepError as e:
@@ -99,6 +121,7 @@ def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
     from harness.sweep.ledger import check_storage
     from harness.sweep.spec import SCALES, load_spec, pick_scale
 
+    _check_options(args, writes=args.func is not _status)
     spec, path = load_spec(args.name)
     results = _results(args)
     scale = args.scale

@@ -8,19 +8,24 @@ are skipped, attempts of dead workers are failed and re-queued, failed cells are
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import logging
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from harness import tracking
 from harness.config import ConfigError
 from harness.launch import check_gpus, gpu_slots, visible_gpus
-from harness.sweep import runs
+from harness.sweep import adopt, runs
+from harness.sweep.claim import ClaimTaken, DriverClaim
 from harness.sweep.display import SweepView, console
 from harness.sweep.ledger import (
+    ATTEMPT,
+    CELL,
+    CELL_TIMEOUT,
     DEEPSPEED,
     DRIVER,
     GPUS_PER_JOB,
@@ -29,10 +34,10 @@ from harness.sweep.ledger import (
     PARENT_RUN,
     RETRY_FROM,
     STALE_AFTER,
+    STALL_TIMEOUT,
     Ledger,
     check_storage,
     open_storage,
-    pid_alive,
     pid_start,
 )
 from harness.sweep.spec import Plan
@@ -55,6 +60,8 @@ class SweepOptions:
     stale_after: float = 120.0
     timeout_min: int = 24 * 60
     partition: str | None = None
+    cell_timeout_min: float | None = None   # None: the scale's (spec), see harness.sweep.watchdog
+    stall_timeout_min: float | None = None
 
     def check(self) -> None:
         if self.workers < 0:
@@ -65,6 +72,10 @@ class SweepOptions:
             raise ConfigError(f"--stale-after {self.stale_after}: must be positive")
         if self.launcher == "slurm" and self.workers < 1:
             raise ConfigError("--launcher slurm: needs --workers 1 or more")
+        for flag, value in (("--cell-timeout-min", self.cell_timeout_min),
+                            ("--stall-timeout-min", self.stall_timeout_min)):
+            if value is not None and not value > 0:
+                raise ConfigError(f"{flag} {value}: must be a positive number of minutes")
 
 
 def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
@@ -76,24 +87,29 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
         gpus = visible_gpus()
         check_gpus(gpus, plan.gpus_per_job, f"{plan.spec_path}: scales.{plan.scale}")
     out = console()
+    down = tracking.unreachable()
+    if down:
+        raise SweepError(f"{down}; start it, or point MLFLOW_TRACKING_URI at one that answers")
     # ---- nothing above this line writes anything
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    lock = _take_lock(sweep_dir / "driver.lock")
+    claim = _claim(storage_url, plan)
     ledger = Ledger(open_storage(storage_url), plan.experiment, create=True)
-    _refuse_second_driver(ledger)
     ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
     ledger.set_attr(STALE_AFTER, opts.stale_after)
+    ledger.set_attr(CELL_TIMEOUT, 60 * opts.cell_timeout_min if opts.cell_timeout_min else plan.cell_timeout_s)
+    ledger.set_attr(STALL_TIMEOUT, 60 * opts.stall_timeout_min if opts.stall_timeout_min else plan.stall_timeout_s)
     _set_launch(ledger, plan, out)
     if opts.retry_failed:
         ledger.set_attr(RETRY_FROM, len(ledger.storage.get_all_trials(ledger.study_id, deepcopy=False)))
-    ledger.reap()
+    find = _finder(sweep_dir, plan.experiment)
+    ledger.reap(find)
     counts = _sync(ledger, plan)
     out.print(f"sweep {plan.experiment}: {len(plan.cells)} cells ({counts['new']} new, {counts['retry']} retried, "
               f"{counts['done']} done, {counts['active']} queued or running, {counts['failed']} failed for good); "
               f"ledger {storage_url}", soft_wrap=True)
 
     client, exp_id = runs.open_experiment(plan)
-    runs.kill_orphans(client, exp_id, ledger, keep=None)
+    runs.tidy(client, exp_id, ledger)
     parent = runs.start_parent(client, exp_id, plan, {
         "workers": opts.workers, "launcher": opts.launcher, "max_attempts": opts.max_attempts,
         "retry_failed": opts.retry_failed, "storage": storage_url, "gpus_per_job": plan.gpus_per_job,
@@ -114,7 +130,10 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
             while True:
                 view.update()
                 if time.time() - last_beat > 10:
-                    ledger.reap()  # workers on other machines can die too; their attempts go back to the queue
+                    if not claim.held():
+                        raise SweepError(f"lost the driver claim on {storage_url} (connection to the ledger lost); "
+                                         "run the same command again to resume")
+                    ledger.reap(find)  # workers on other machines can die too; their attempts are settled here
                     _beat(ledger, parent)
                     last_beat = time.time()
                 if workers.finished() and (opts.workers > 0 or ledger.settled()):
@@ -130,11 +149,16 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     view.update()
     done, failed = view.count("complete", "diverged"), view.count("failed", "interrupted")
     status = "KILLED" if interrupted else "FINISHED" if done == len(plan.cells) else "FAILED"
-    runs.end_parent(client, parent, status, {"complete": view.count("complete"), "diverged": view.count("diverged"),
-                                             "failed": failed})
-    runs.kill_orphans(client, exp_id, ledger, keep=None)
+    try:
+        runs.end_parent(client, parent, status, {"complete": view.count("complete"),
+                                                 "diverged": view.count("diverged"), "failed": failed})
+        runs.tidy(client, exp_id, ledger)
+    except Exception as e:  # a tracking outage at the end loses nothing: the next start tidies MLflow
+        logging.getLogger(__name__).debug("MLflow tidy-up failed", exc_info=True)
+        out.print(f"warning: MLflow tidy-up skipped ({type(e).__name__}: {str(e)[:200]}); the next `sweep` "
+                  "start does it", soft_wrap=True)
     ledger.set_attr(DRIVER, None)
-    lock.close()
+    claim.release()
     out.print(f"sweep {plan.experiment}: {view.summary()}; results in {sweep_dir}; MLflow experiment "
               f"{plan.experiment!r}, parent run {parent}", soft_wrap=True)
     for c in view.cells:
@@ -174,30 +198,24 @@ def _set_launch(ledger: Ledger, plan: Plan, out: Any) -> None:
     ledger.set_attr(DEEPSPEED, plan.deepspeed)
 
 
-def _take_lock(path: Path) -> TextIO:
-    f = open(path, "a+")
+def _claim(storage_url: str, plan: Plan) -> DriverClaim:
+    """The one-driver rule, atomic in the ledger's storage (harness.sweep.claim), on any number of machines."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise SweepError(f"another `sweep` driver is running this sweep ({path}: {f.read().strip()}); add "
-                         "workers with `python -m harness worker NAME` instead") from None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {HOST}\n")
-    f.flush()
-    return f
+        return DriverClaim(storage_url, plan.experiment).take()
+    except ClaimTaken as e:
+        holder = ""
+        try:
+            d = Ledger(open_storage(storage_url), plan.experiment, create=False).attr(DRIVER) or {}
+            holder = f" (pid {d['pid']} on {d['host']})" if d else ""
+        except ConfigError:
+            pass
+        raise SweepError(f"another `sweep` driver{holder} is running this sweep ({e}); add workers with "
+                         "`python -m harness worker NAME` instead") from None
 
 
-def _refuse_second_driver(ledger: Ledger) -> None:
-    """The file lock covers one machine; the ledger's driver record covers drivers on other machines."""
-    d = ledger.attr(DRIVER)
-    if not d or (d["host"] == HOST and d["pid"] == os.getpid()):
-        return
-    alive = (pid_alive(d["pid"], d.get("pid_start")) if d["host"] == HOST
-             else time.time() - d["heartbeat"] < ledger.stale_after)
-    if alive:
-        raise SweepError(f"another `sweep` driver (pid {d['pid']} on {d['host']}) is running this sweep; add "
-                         "workers with `python -m harness worker NAME` instead")
+def _finder(sweep_dir: Path, experiment: str) -> Any:
+    """What a dead worker's attempt came to (harness.sweep.adopt), for Ledger.reap."""
+    return lambda t: adopt.find(sweep_dir, experiment, t.user_attrs[CELL], int(t.user_attrs[ATTEMPT]))
 
 
 def _beat(ledger: Ledger, parent: str) -> None:

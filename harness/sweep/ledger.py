@@ -8,9 +8,11 @@ just settled its previous attempt, or by the driver before any worker starts); `
 the queue is empty (not used: `pop` claims WAITING trials itself, as Optuna's own `_pop_waiting_trial_id` does).
 
 Trial state is the truth about an attempt: WAITING = queued, RUNNING = running, COMPLETE = finished as
-`complete` or `diverged` (user attr `harness.outcome`), FAIL = failed, died, interrupted or duplicate. Finishing
-a trial is a compare-and-set in both backends (a second finisher gets `UpdateFinishedTrialError`), so when a
-worker and a reaper race over a trial exactly one of them settles it and decides whether to re-queue.
+`complete` or `diverged` (user attr `harness.outcome`), FAIL = failed, died, timeout, interrupted or duplicate.
+Finishing a trial is a compare-and-set in both backends (a second finisher gets `UpdateFinishedTrialError`), so
+when a worker and a reaper race over a trial exactly one of them settles it and decides whether to re-queue.
+Before an attempt is failed, its own result is looked for (harness.sweep.adopt): a job that reached its result
+is adopted as COMPLETE however its worker died, so a finished cell is never run twice.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import time
 from collections import defaultdict
@@ -31,6 +34,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import ConfigError
+from harness.sweep.adopt import Verdict
 
 CELL = "harness.cell"            # config hash; present on every trial the sweep enqueued
 AXES = "harness.axes"            # axis values of the cell (seed included)
@@ -38,6 +42,7 @@ CONFIG = "harness.config"        # the job config, minus output_dir and experime
 ATTEMPT = "harness.attempt"      # 1-based attempt number of this trial at its cell
 COST = "harness.cost"            # relative run time (spec.Cell.cost), for ETA
 OWNER = "harness.owner"          # {worker, host, pid, pid_start, log, started} written when a worker claims it
+JOB = "harness.job"              # {pid, pid_start} of the job process (its own process group), once started
 HEARTBEAT = "harness.heartbeat"  # epoch seconds, refreshed by the running worker
 OUTCOME = "harness.outcome"      # {state, exit_code, duration_s, run_id, val_reward, error, retry} from the worker
 REAPED = "harness.reaped"        # why a reaper declared the attempt dead
@@ -50,21 +55,27 @@ PARENT_RUN = "harness.parent_run_id"
 DRIVER = "harness.driver"              # {host, pid, pid_start, run_id, heartbeat} of the live driver
 GPUS_PER_JOB = "harness.gpus_per_job"  # the scale's gpus_per_job: how every worker launches a job
 DEEPSPEED = "harness.deepspeed"        # the scale's deepspeed setting (none, zero2)
+CELL_TIMEOUT = "harness.cell_timeout_s"    # wall-clock limit of one attempt (harness.sweep.watchdog)
+STALL_TIMEOUT = "harness.stall_timeout_s"  # longest time a job may go without storing a metric
 
 # Attempts owned by this host are judged by their PID, others by heartbeat: machines must have distinct names.
 # HARNESS_HOST overrides the host name where they do not (containers started from one image, say).
 HOST = os.environ.get("HARNESS_HOST") or socket.gethostname()
-COUNTED_FAILURES = ("failed", "died")  # interrupted (Ctrl-C, scheduler preemption) and duplicate do not count
+# interrupted (Ctrl-C, scheduler preemption, tracking outage) and duplicate do not count
+COUNTED_FAILURES = ("failed", "died", "timeout")
 FINISHED_OK = ("complete", "diverged")
 
 
 def check_storage(url: str | None, default_path: Path) -> str:
-    """The storage a sweep uses, checked before anything is written: an RDB URL or a journal file path."""
+    """The storage a sweep uses, checked before anything is written: a PostgreSQL URL or a journal file path."""
     if url is None:
         return str(default_path)
     if url.startswith("sqlite"):
         raise ConfigError(f"--storage {url}: SQLite storage hands one cell to several workers (NOTES §5); use "
                           "a journal file path (shared file system) or postgresql://...")
+    if "://" in url and not url.split("://", 1)[0].startswith("postgresql"):
+        # The one-driver claim is a PostgreSQL advisory lock (harness.sweep.claim); other databases have none.
+        raise ConfigError(f"--storage {url}: allowed: a journal file path or postgresql://...")
     return url
 
 
@@ -160,6 +171,14 @@ class Ledger:
         return float(self.attr(STALE_AFTER, 120.0))
 
     @property
+    def cell_timeout_s(self) -> float:
+        return float(self.attr(CELL_TIMEOUT, float("inf")))
+
+    @property
+    def stall_timeout_s(self) -> float:
+        return float(self.attr(STALL_TIMEOUT, float("inf")))
+
+    @property
     def gpus_per_job(self) -> int:
         return int(self.attr(GPUS_PER_JOB, 1))
 
@@ -205,13 +224,12 @@ class Ledger:
                      "log": str(log_for(claimed)), "started": time.time()}
             self.storage.set_trial_user_attr(tid, OWNER, owner)
             self.storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
-            # A second queued attempt of a cell (a reaper and a worker settling the same attempt at once) is
-            # dropped: the cell is done, or another attempt runs that is not being settled (no outcome yet).
-            cell, now = claimed.user_attrs[CELL], time.time()
-            others = [t for t in self.by_cell()[cell] if t.number != claimed.number]
-            if any(t.state == TrialState.COMPLETE or (
-                    t.state == TrialState.RUNNING and OUTCOME not in t.user_attrs and REAPED not in t.user_attrs
-                    and self.alive(t, now)) for t in others):
+            # Two reapers settling one dead attempt at once can queue two successors. Of the claimed or queued
+            # attempts of a cell only the lowest-numbered one runs (each claimant checks after its own claim, so
+            # of two racing claimants the higher sees the lower); none runs once the cell is done.
+            cell = claimed.user_attrs[CELL]
+            if any(t.state == TrialState.COMPLETE or (t.number < claimed.number and _contender(t))
+                   for t in self.by_cell()[cell] if t.number != claimed.number):
                 self.settle(tid, TrialState.FAIL, {"state": "duplicate"})
                 continue
             return self.storage.get_trial(tid)
@@ -246,27 +264,60 @@ class Ledger:
         beat = t.user_attrs.get(HEARTBEAT) or (t.datetime_start.timestamp() if t.datetime_start else now)
         return now - beat < self.stale_after
 
-    def reap(self) -> list[FrozenTrial]:
-        """Fail the attempts whose worker is gone and re-queue their cells (within the attempt limit)."""
+    def reap(self, find: Callable[[FrozenTrial], Verdict] | None = None) -> list[FrozenTrial]:
+        """Settle the attempts whose worker is gone: adopt the ones whose job reached its result, fail the
+        others and re-queue their cells (within the attempt limit).
+
+        find(trial): what the attempt came to (harness.sweep.adopt.find for its cell and attempt); without it
+        every dead attempt is failed. An attempt whose answer is `unknown` (MLflow unreachable) is left for a
+        later reap: failing it could run a finished cell twice.
+        """
+        log = logging.getLogger(__name__)
         reaped = []
         now = time.time()
         for t in self.trials((TrialState.RUNNING,)):
             if self.alive(t, now):
                 continue
             owner = t.user_attrs.get(OWNER) or {}
-            why = f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} (pid {owner.get('pid', '?')}) is gone"
+            if self._job_lingers(t):
+                continue  # its job outlived the worker: it was just killed; judged at the next reap, once gone
+            verdict = find(t) if find is not None else Verdict("none")
+            if verdict.kind == "unknown":
+                log.warning("cell %s attempt %s: worker gone, outcome unknown for now (%s)", t.user_attrs[CELL],
+                            t.user_attrs.get(ATTEMPT), verdict.why)
+                continue
+            gone = f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} (pid {owner.get('pid', '?')}) is gone"
+            if verdict.kind == "result":
+                outcome = verdict.outcome(duration_s=round(now - owner.get("started", now), 1),
+                                          note=f"adopted: {gone} after its job finished")
+                if self.settle(t._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"]):
+                    log.warning("cell %s attempt %s: %s; its job had finished (%s): adopted", t.user_attrs[CELL],
+                                t.user_attrs.get(ATTEMPT), gone, outcome["state"])
+                    reaped.append(t)
+                continue
             try:
-                self.storage.set_trial_user_attr(t._trial_id, REAPED, why)
+                self.storage.set_trial_user_attr(t._trial_id, REAPED, gone)
             except UpdateFinishedTrialError:
                 continue  # its worker, or another reaper, settled it first
             # As a worker does: re-queue first, so the cell is never without a queued or running attempt.
             self.requeue(t.user_attrs[CELL], settling=t, failed=True)
             if not self.settle(t._trial_id, TrialState.FAIL):
                 continue  # settled meanwhile; a surplus queued attempt is dropped when popped
-            logging.getLogger(__name__).warning("cell %s attempt %s: %s", t.user_attrs[CELL],
-                                                t.user_attrs.get(ATTEMPT), why)
+            log.warning("cell %s attempt %s: %s", t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), gone)
             reaped.append(t)
         return reaped
+
+    def _job_lingers(self, t: FrozenTrial) -> bool:
+        """Whether the job of a dead worker's attempt still runs here; if so it is killed now (its result, if it
+        writes one before it dies, must be seen by the reaper, so the reaper waits for it to be gone)."""
+        owner, job = t.user_attrs.get(OWNER) or {}, t.user_attrs.get(JOB) or {}
+        if owner.get("host") != HOST or "pid" not in job or not pid_alive(job["pid"], job.get("pid_start")):
+            return False
+        try:
+            os.killpg(job["pid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return True
 
     def requeue(self, cell: str, settling: FrozenTrial | None = None, failed: bool = False) -> bool:
         """Queue the next attempt of a cell unless it is done, queued, running, or out of attempts.
@@ -295,6 +346,10 @@ class Ledger:
         return not any(t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and self.alive(t, now))
                        for t in self.trials((TrialState.WAITING, TrialState.RUNNING)))
 
+    def completed_attempts(self) -> dict[str, int]:
+        """cell -> the attempt the ledger counts as its result (COMPLETE: complete or diverged)."""
+        return {t.user_attrs[CELL]: int(t.user_attrs[ATTEMPT]) for t in self.trials((TrialState.COMPLETE,))}
+
     def cells(self) -> list[CellStatus]:
         return [cell_status(h, ts, self.alive) for h, ts in self.by_cell().items() if ts]
 
@@ -304,8 +359,20 @@ class Ledger:
                 if self.alive(t, now)}
 
 
+def _contender(t: FrozenTrial) -> bool:
+    """Whether an attempt may still run or become the cell's result: queued, or running and not on its way out
+    (a settler has recorded a non-result outcome for it, or a reaper has failed it)."""
+    if t.state == TrialState.WAITING:
+        return True
+    if t.state != TrialState.RUNNING or REAPED in t.user_attrs:
+        return False
+    outcome = t.user_attrs.get(OUTCOME)
+    return outcome is None or outcome.get("state") in FINISHED_OK
+
+
 def attempt_state(t: FrozenTrial) -> str:
-    """What one attempt came to: queued, running, complete, diverged, failed, died, interrupted, duplicate."""
+    """What one attempt came to: queued, running, complete, diverged, failed, died, timeout, interrupted,
+    duplicate."""
     outcome = t.user_attrs.get(OUTCOME) or {}
     if t.state == TrialState.WAITING:
         return "queued"
@@ -325,7 +392,7 @@ def cell_status(cell: str, trials: list[FrozenTrial], alive: Callable[[FrozenTri
     queued = [t for t in real if t.state == TrialState.WAITING]
     t = done[0] if done else running[-1] if running else queued[-1] if queued else real[-1]
     state = attempt_state(t)
-    state = "failed" if state == "died" else state
+    state = "failed" if state in ("died", "timeout") else state  # why is in `error`
     outcome, owner = t.user_attrs.get(OUTCOME) or {}, t.user_attrs.get(OWNER) or {}
     failures = [x for x in real if x.state == TrialState.FAIL]
     last = failures[-1].user_attrs if failures else {}

@@ -1,8 +1,8 @@
 """MLflow side of a sweep: the parent run of each invocation, and runs left RUNNING by killed jobs.
 
 A job SIGKILLed with its worker cannot end its own MLflow run, and MLflow keeps it RUNNING for ever (NOTES §5),
-so the ledger, not MLflow, says what is running: a sweep run whose cell attempt is not live in the ledger is
-marked KILLED when the next sweep starts and when this one ends.
+so the ledger, not MLflow, says what is running and which attempt is a cell's result: `tidy` brings MLflow in
+line when a sweep starts and when it ends.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from harness import tracking
+from harness.sweep.adopt import USABLE
 from harness.sweep.ledger import HOST, Ledger, pid_start
 from harness.sweep.spec import Plan
 
@@ -47,29 +48,54 @@ def end_parent(client: MlflowClient, run_id: str, status: str, counts: dict[str,
     client.set_terminated(run_id, status)
 
 
-def kill_orphans(client: MlflowClient, experiment_id: str, ledger: Ledger, keep: str | None) -> list[str]:
-    """Mark KILLED every RUNNING sweep run of the experiment that nothing is running any more.
+def tidy(client: MlflowClient, experiment_id: str, ledger: Ledger) -> dict[str, list[str]]:
+    """Make MLflow say what the ledger says; called only by the sweep's one driver, at its start and its end.
 
-    Called only while this process is the sweep's one driver, so any other parent run left RUNNING is stale.
+    - A sweep run left RUNNING whose attempt is not live in the ledger: KILLED, or FINISHED when the ledger
+      adopted that attempt as the cell's result (its job was killed between its last metric and its run's end).
+    - Any other parent run left RUNNING: a dead driver's, KILLED.
+    - A complete/diverged run of a cell whose counted attempt is another one: tagged harness.status=superseded,
+      so that the analysis finds exactly one result per cell (only a worker cut off from the ledger, whose
+      attempt was failed meanwhile, can leave one).
     """
-    live = ledger.live_attempts()
-    killed = []
+    live, counted = ledger.live_attempts(), ledger.completed_attempts()
+    done: dict[str, list[str]] = {"killed": [], "finished": [], "superseded": []}
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10000):
         tags = run.data.tags
-        if run.info.run_id == keep:
-            continue
         if tags.get("harness.sweep") == "true":
-            orphan = True
-        elif "harness.cell" in tags:
-            try:
-                orphan = (tags["harness.cell"], int(tags.get("harness.attempt", "-1"))) not in live
-            except ValueError:
-                orphan = True
+            _close(client, run.info.run_id, "KILLED", None)
+            done["killed"].append(run.info.run_id)
+            continue
+        key = _attempt(tags)
+        if key is None or key in live:
+            continue  # not a sweep's run (none of our business), or still running
+        if counted.get(key[0]) == key[1]:
+            _close(client, run.info.run_id, "FINISHED", None)
+            done["finished"].append(run.info.run_id)
         else:
-            continue  # not a sweep's run: none of our business
-        if orphan:
-            if tags.get("harness.status") == "running":
-                client.set_tag(run.info.run_id, "harness.status", "killed")
-            client.set_terminated(run.info.run_id, "KILLED")
-            killed.append(run.info.run_id)
-    return killed
+            _close(client, run.info.run_id, "KILLED", "killed" if tags.get("harness.status") == "running" else None)
+            done["killed"].append(run.info.run_id)
+    for status in USABLE:
+        for run in client.search_runs([experiment_id], filter_string=f"tags.`harness.status` = '{status}'",
+                                      max_results=10000):
+            key = _attempt(run.data.tags)
+            if key is not None and key[0] in counted and counted[key[0]] != key[1]:
+                client.set_tag(run.info.run_id, "harness.status", "superseded")
+                client.set_tag(run.info.run_id, "harness.superseded", f"the ledger counts attempt {counted[key[0]]}")
+                done["superseded"].append(run.info.run_id)
+    return done
+
+
+def _attempt(tags: dict[str, str]) -> tuple[str, int] | None:
+    if "harness.cell" not in tags:
+        return None
+    try:
+        return tags["harness.cell"], int(tags.get("harness.attempt", "-1"))
+    except ValueError:
+        return tags["harness.cell"], -1
+
+
+def _close(client: MlflowClient, run_id: str, status: str, status_tag: str | None) -> None:
+    if status_tag:
+        client.set_tag(run_id, "harness.status", status_tag)
+    client.set_terminated(run_id, status)

@@ -21,7 +21,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from harness.config import ConfigError, JobConfig, ProxyModel, build_config, config_hash, deep_merge, shape_of
+from harness.config import (
+    ConfigError,
+    JobConfig,
+    ProxyModel,
+    build_config,
+    config_hash,
+    deep_merge,
+    parse_value,
+    shape_of,
+)
 
 ScaleName = Literal["paper", "proxy"]
 SCALES: tuple[str, ...] = ("paper", "proxy")
@@ -35,6 +44,9 @@ SWEEP_MANAGED = {
 # The budget is fixed per scale so that cells differ only in how they reuse rollouts.
 NOT_AN_AXIS = {"rollout_batches": "the training budget is fixed per scale, so that cells differ only in "
                                   "rollout reuse; set it in base"}
+# (cell time limit, stall limit) in minutes: far above any healthy cell (proxy: about 2 min a cell, the first
+# one building the warm start; paper: hours a cell, vLLM start-up and 500-prompt validations between metrics).
+DEFAULT_LIMITS_MIN = {"paper": (72 * 60.0, 120.0), "proxy": (6 * 60.0, 30.0)}
 NESTED = {"trl": None, "proxy": ProxyModel}  # sections reachable with dotted keys (trl: any GRPOConfig name)
 
 
@@ -53,6 +65,12 @@ class ScaleSpec(BaseModel):
                                     "each on its own k devices (harness/launch.py); must be 1 on CPU machines")
     deepspeed: Literal["none", "zero2"] = Field("none", description="zero2: launch multi-GPU jobs with DeepSpeed "
                                                 "ZeRO-2 (configs/accelerate/zero2.yaml); none: plain data parallel")
+    cell_timeout_min: float | None = Field(None, gt=0, description="wall-clock limit of one job, in minutes; a job "
+                                           "past it is stopped and its attempt recorded as timeout (default: "
+                                           "DEFAULT_LIMITS_MIN; `sweep --cell-timeout-min` overrides)")
+    stall_timeout_min: float | None = Field(None, gt=0, description="minutes a job may go without storing a "
+                                            "metric (start-up included) before it counts as hung (default: "
+                                            "DEFAULT_LIMITS_MIN; `sweep --stall-timeout-min` overrides)")
 
     @model_validator(mode="after")
     def _deepspeed_needs_gpus(self) -> ScaleSpec:
@@ -120,6 +138,8 @@ class Plan:
     cells: list[Cell]
     gpus_per_job: int = 1      # the scale's; not part of a cell's identity (see docs/SCALE_OUT.md)
     deepspeed: str = "none"
+    cell_timeout_s: float = DEFAULT_LIMITS_MIN["proxy"][0] * 60  # the scale's limits (harness.sweep.watchdog)
+    stall_timeout_s: float = DEFAULT_LIMITS_MIN["proxy"][1] * 60
 
     @property
     def study(self) -> str:
@@ -145,6 +165,8 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
     path = spec_path(name)
     try:
         raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e}); allowed: a readable YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -174,7 +196,7 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value (dotted keys reach nested fields)")
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_value(f"--set {key}", raw)
         if key == "seed":  # narrowing the replicates is the one use of --set seed
             values = value if isinstance(value, list) else [value]
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -214,8 +236,10 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
             cells.append(Cell(hash=digest, axes={**point, "seed": seed}, config=cfg))
     # Longest jobs first within each seed: N workers finish the grid sooner than in grid order.
     ordered = sorted(cells, key=lambda c: (seeds.index(c.axes["seed"]), -c.cost))
+    limit, stall = DEFAULT_LIMITS_MIN[scale]
     return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered,
-                gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed)
+                gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed,
+                cell_timeout_s=60 * (s.cell_timeout_min or limit), stall_timeout_s=60 * (s.stall_timeout_min or stall))
 
 
 def check_other_scales(spec: SweepSpec, path: Path, selected: str) -> list[str]:
@@ -283,7 +307,7 @@ def _check_values(where: str, values: list[Any]) -> None:
     for v in values:
         if isinstance(v, (dict, list)):
             raise ConfigError(f"{where}: values must be scalars, got {v!r}")
-        key = json.dumps(v, sort_keys=True)
+        key = json.dumps(v, sort_keys=True, default=repr)  # YAML may give dates
         if key in seen:
             raise ConfigError(f"{where}: duplicate value {v!r}")
         seen.add(key)

@@ -3,9 +3,12 @@
 
 Each attempt runs in its own session with its own log, a heartbeat thread keeps the attempt's claim fresh, and
 the job dies with the worker (Linux parent-death signal), so no job outlives the worker that answers for it.
-Exit code and result.json decide the outcome: 0 + status complete/diverged -> COMPLETE; 2 (bad config) ->
-failed, not retried; anything else -> failed, re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and
-SIGUSR2 (a scheduler's warning) stop the job gracefully and re-queue the cell without spending an attempt.
+The attempt's own result decides the outcome, whatever the exit code (harness.sweep.adopt: its result file,
+else its MLflow run): complete/diverged -> COMPLETE; otherwise exit 2 (bad config) -> failed, not retried;
+a job past its cell time limit or silent past the stall limit (harness.sweep.watchdog) -> timeout; anything
+else -> failed; both re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and SIGUSR2 (a scheduler's
+warning) stop the job gracefully and re-queue the cell without spending an attempt, as does a job that died
+of a tracking-server outage; while the server is down the worker takes no cell.
 
 GPUs: a worker started with `gpus` (the driver's local workers, `harness worker --gpus`) pins its jobs to those
 devices with CUDA_VISIBLE_DEVICES; without, its jobs see what the worker sees (a SLURM allocation, say).
@@ -17,7 +20,6 @@ import ctypes
 import dataclasses
 import json
 import logging
-import math
 import os
 import shlex
 import signal
@@ -34,7 +36,22 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.launch import job_command
-from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, FINISHED_OK, HOST, PARENT_RUN, Ledger, open_storage
+from harness.sweep import adopt
+from harness.sweep.ledger import (
+    ATTEMPT,
+    AXES,
+    CELL,
+    CONFIG,
+    COUNTED_FAILURES,
+    HOST,
+    JOB,
+    PARENT_RUN,
+    Ledger,
+    open_storage,
+    pid_start,
+)
+from harness.sweep.watchdog import Watchdog
+from harness.tracking import PROGRESS_ENV, tracking_uri, unreachable
 
 log = logging.getLogger("harness.sweep.worker")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -140,14 +157,25 @@ class Worker:
 
     def run(self) -> int:
         log.info("worker %s on %s (pid %d) joined %s", self.opts.name, HOST, os.getpid(), self.opts.study_name)
+        waiting_for: str | None = None
         while not self.stop.is_set():
+            down = unreachable()
+            if down:  # a job started now would only fail: its cell waits in the queue instead
+                if down != waiting_for:
+                    log.warning("%s; waiting before taking a cell", down)
+                waiting_for = down
+                self.stop.wait(max(self.opts.poll_s, 2.0))
+                continue
+            if waiting_for:
+                log.info("MLflow tracking server %s answers again", tracking_uri())
+                waiting_for = None
             trial = self.ledger.pop(self.opts.name, lambda t: attempt_log(
                 self.opts.sweep_dir, t.user_attrs[CELL], t.user_attrs[ATTEMPT]))
             if trial is not None:
                 self.run_attempt(trial)
                 continue
             # Idle: take over attempts of dead workers, leave once nothing can come back to the queue.
-            self.ledger.reap()
+            self.ledger.reap(self._find)
             if self.ledger.settled():
                 break
             self.stop.wait(self.opts.poll_s)
@@ -159,9 +187,12 @@ class Worker:
         job_dir = self.opts.sweep_dir / "jobs" / cell
         job_dir.mkdir(parents=True, exist_ok=True)
         cfg = {**trial.user_attrs[CONFIG], "output_dir": str(job_dir), "experiment": self.opts.study_name}
-        cfg_path, result_path = job_dir / "config.yaml", job_dir / "result.json"
+        cfg_path = job_dir / "config.yaml"
+        result_path = adopt.result_path(self.opts.sweep_dir, cell, attempt)
+        progress = job_dir / f"attempt-{attempt}.progress"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        result_path.unlink(missing_ok=True)  # a previous attempt's result must not be read as this one's
+        for stale in (result_path, progress):  # left by an earlier ledger in this results folder, if any
+            stale.unlink(missing_ok=True)
         # How to launch is the sweep's (study attrs), read per attempt: a resumed sweep may have changed it.
         per_job, deepspeed = self.ledger.gpus_per_job, self.ledger.deepspeed
         if per_job > 1 and self.opts.gpus is not None and len(self.opts.gpus) < per_job:
@@ -188,56 +219,99 @@ class Worker:
         log.info("cell %s attempt %d (%s): starting, log %s", cell, attempt, label, log_path)
 
         t0 = time.time()
+        env = {**job_env(self.opts.gpus), PROGRESS_ENV: str(progress)}
         with open(log_path, "ab") as out:
             out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=REPO_ROOT, env=job_env(self.opts.gpus), start_new_session=True,
-                                    preexec_fn=die_with_parent())
+                                    cwd=REPO_ROOT, env=env, start_new_session=True, preexec_fn=die_with_parent())
+        try:  # a reaper that outlives this worker waits for this process to be gone before judging the attempt
+            self.ledger.storage.set_trial_user_attr(trial._trial_id, JOB, {"pid": proc.pid,
+                                                                           "pid_start": pid_start(proc.pid)})
+        except UpdateFinishedTrialError:
+            pass  # already settled by another process: the heartbeat says so within one beat
         beat = Heartbeat(self.ledger, trial._trial_id, interval=min(30.0, self.ledger.stale_after / 4))
         beat.start()
+        dog = Watchdog(progress, self.ledger.cell_timeout_s, self.ledger.stall_timeout_s, started=t0)
         stopped_at: float | None = None
+        timed_out: str | None = None
         while True:
             try:
                 rc = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if (self.stop.is_set() or beat.lost.is_set()) and stopped_at is None:
-                stopped_at = time.time()
-                _signal_group(proc, signal.SIGTERM)
-            elif stopped_at is not None and time.time() - stopped_at > GRACE_S:
+            if stopped_at is None:
+                timed_out = None if (self.stop.is_set() or beat.lost.is_set()) else dog.check()
+                if self.stop.is_set() or beat.lost.is_set() or timed_out:
+                    if timed_out:
+                        log.warning("cell %s attempt %d: %s; stopping its job", cell, attempt, timed_out)
+                    stopped_at = time.time()
+                    _signal_group(proc, signal.SIGTERM)
+            elif time.time() - stopped_at > GRACE_S:
                 _signal_group(proc, signal.SIGKILL)
         beat.stop()
         duration = round(time.time() - t0, 1)
+        # The job's own result decides, whatever the exit code: a kill can land after the result was written
+        # (a SIGTERM during interpreter shutdown, a SIGKILL before exit), and that result must not be re-run.
+        verdict, outage = self._verdict(cell, attempt)
         if beat.lost.is_set():
             log.warning("cell %s attempt %d was declared dead by another process; its job was stopped", cell, attempt)
+            if verdict.kind == "result":  # finished anyway: the cell's next attempt is the one that counts
+                adopt.supersede(verdict.run_id, f"attempt {attempt} was declared dead before its job finished")
             return
-
-        result = _read_result(result_path)
+        if verdict.kind == "unknown":  # stopping during a tracking outage: a reaper settles it once MLflow answers
+            log.warning("cell %s attempt %d: left for a reaper (%s)", cell, attempt, verdict.why)
+            return
         base = {"exit_code": rc, "duration_s": duration, "log": str(log_path)}
-        if rc == 0 and result.get("status") in FINISHED_OK:
-            final = result.get("final") or {}
-            val = final.get("val/reward")
-            val = float(val) if isinstance(val, (int, float)) and math.isfinite(val) else None
-            outcome = {**base, "state": result["status"], "run_id": result.get("run_id"), "val_reward": val,
-                       "final": final, "wall_s": result.get("wall_s")}
-            settled = self.ledger.settle(trial._trial_id, TrialState.COMPLETE, outcome, val)
+        if verdict.kind == "result":
+            outcome = verdict.outcome(**base)
+            settled = self.ledger.settle(trial._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"])
+            if settled:
+                adopt.publish(self.opts.sweep_dir, cell, verdict, attempt)
+            elif self.ledger.storage.get_trial(trial._trial_id).state != TrialState.COMPLETE:
+                adopt.supersede(verdict.run_id, f"attempt {attempt} was failed by another process")
         else:
-            if stopped_at is not None:  # stopped by us: not the job's fault, so it costs no attempt
+            result = adopt.read_result(result_path)
+            tracking_error = outage or _tracking_failure(log_path)
+            if timed_out:
+                outcome = {**base, "state": "timeout", "error": timed_out}
+            elif stopped_at is not None:  # stopped by us: not the job's fault, so it costs no attempt
                 outcome = {**base, "state": "interrupted", "error": "stopped by a signal to the worker"}
+            elif tracking_error:  # not the cell's fault either: retried once the server answers
+                outcome = {**base, "state": "interrupted", "error": tracking_error}
             else:
                 outcome = {**base, "state": "failed", "error": _failure(rc, result, log_path), "retry": rc != 2}
             # Outcome, then the next attempt, then settle: a crash in between leaves the cell queued, and a worker
             # popping the next attempt sees (by the outcome) that this one is on its way out, not a rival.
             settled = self.ledger.note(trial._trial_id, outcome)
             if settled and outcome.get("retry", True):
-                self.ledger.requeue(cell, settling=trial, failed=outcome["state"] == "failed")
+                self.ledger.requeue(cell, settling=trial, failed=outcome["state"] in COUNTED_FAILURES)
             settled = settled and self.ledger.settle(trial._trial_id, TrialState.FAIL)
+            if settled:
+                adopt.close_run(verdict.run_id, self.opts.study_name, cell, attempt,
+                                "timeout" if timed_out else "killed", outcome["error"])
         if not settled:
             log.warning("cell %s attempt %d was settled by another process first", cell, attempt)
         log.info("cell %s attempt %d (%s): %s in %.0fs%s", cell, attempt, label, outcome["state"], duration,
                  f" ({outcome['error']})" if outcome.get("error") else "")
+
+    def _verdict(self, cell: str, attempt: int) -> tuple[adopt.Verdict, str | None]:
+        """What the attempt came to; while MLflow cannot be asked, wait for it (unless stopping).
+        Also returns the outage seen meanwhile, if any (a job that failed in one is not at fault)."""
+        outage = None
+        while True:
+            verdict = adopt.find(self.opts.sweep_dir, self.opts.study_name, cell, attempt)
+            if verdict.kind != "unknown" or self.stop.is_set():
+                return verdict, outage
+            if outage is None:
+                outage = verdict.why
+                log.warning("cell %s attempt %d: %s; waiting for it to tell whether the job finished", cell,
+                            attempt, verdict.why)
+            self.stop.wait(max(self.opts.poll_s, 2.0))
+
+    def _find(self, t: FrozenTrial) -> adopt.Verdict:
+        return adopt.find(self.opts.sweep_dir, self.opts.study_name, t.user_attrs[CELL], int(t.user_attrs[ATTEMPT]))
 
 
 class Heartbeat(threading.Thread):
@@ -298,12 +372,25 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _read_result(path: Path) -> dict[str, Any]:
+def _last_line(log_path: Path) -> str:
     try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else ""
+    except OSError:
+        return ""
+
+
+def _tracking_failure(log_path: Path) -> str | None:
+    """One line naming the tracking server, when the job died of it (the server is down now, or the job's last
+    words name it: MLflow's client says "API request to <server>/api/... failed")."""
+    down = unreachable()
+    if down:
+        return down
+    uri = tracking_uri()
+    last = _last_line(log_path)
+    if uri.startswith(("http://", "https://")) and uri.rstrip("/") in last:
+        return f"MLflow tracking server {uri} failed the job's request: {last[:200]}"
+    return None
 
 
 def _failure(rc: int, result: dict[str, Any], log_path: Path) -> str:
@@ -311,10 +398,5 @@ def _failure(rc: int, result: dict[str, Any], log_path: Path) -> str:
         return f"killed by {signal.Signals(-rc).name}"
     if rc == 0:
         return f"exit 0 but result.json says status {result.get('status')!r}"
-    last = ""
-    try:
-        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        last = lines[-1].strip() if lines else ""
-    except OSError:
-        pass
+    last = _last_line(log_path)
     return f"exit {rc}" + (f": {last[:300]}" if last else "")

@@ -1,0 +1,142 @@
+"""What an attempt came to, read from its own traces: its result file, else its MLflow run.
+
+Whoever settles an attempt (its worker, the reaper of a dead worker, a restarted driver) asks here first, so an
+attempt whose job reached its result is adopted, never re-run. A kill can land after the job finished its MLflow
+run and wrote its result, but before the worker recorded it; or between the MLflow run's end and the result
+file (job.py ends the run, then writes the file). Hence two sources:
+
+1. `jobs/<cell>/attempt-<n>.result.json` (the job's `--result`, one file per attempt so a later attempt never
+   reads or deletes an earlier one's): status complete/diverged -> a result.
+2. Otherwise the attempt's MLflow run (tags harness.cell and harness.attempt): harness.status complete/diverged
+   -> a result (a run still RUNNING with that tag is finished here: its metrics are all logged).
+
+When neither says so and MLflow cannot be asked (a tracking outage), the answer is `unknown`: the caller waits
+rather than guessing, because guessing wrong means a second complete run of the cell.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("harness.sweep.adopt")
+USABLE = ("complete", "diverged")
+
+
+def result_path(sweep_dir: Path, cell: str, attempt: int) -> Path:
+    return sweep_dir / "jobs" / cell / f"attempt-{attempt}.result.json"
+
+
+def cell_result_path(sweep_dir: Path, cell: str) -> Path:
+    """The cell's adopted result (a copy of the adopted attempt's file), where `status` and people look."""
+    return sweep_dir / "jobs" / cell / "result.json"
+
+
+@dataclasses.dataclass
+class Verdict:
+    kind: Literal["result", "none", "unknown"]
+    result: dict[str, Any] = dataclasses.field(default_factory=dict)  # result.json's fields (status, run_id, ...)
+    source: str = ""          # "file" or "mlflow"
+    run_id: str | None = None  # the attempt's MLflow run, when one was found
+    why: str = ""             # for unknown: what could not be asked
+
+    def outcome(self, **base: Any) -> dict[str, Any]:
+        """The ledger outcome of an adopted result (the worker's COMPLETE outcome, same fields)."""
+        final = self.result.get("final") or {}
+        val = final.get("val/reward")
+        val = float(val) if isinstance(val, (int, float)) and math.isfinite(val) else None
+        return {**base, "state": self.result["status"], "run_id": self.result.get("run_id"), "val_reward": val,
+                "final": final, "wall_s": self.result.get("wall_s"), "adopted_from": self.source}
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # absent, or cut short by a kill
+        return {}
+
+
+def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
+    result = read_result(result_path(sweep_dir, cell, attempt))
+    if result.get("status") in USABLE:
+        return Verdict("result", result, "file", result.get("run_id"))
+    from harness import tracking
+
+    down = tracking.unreachable()
+    if down:
+        return Verdict("unknown", why=down)
+    try:
+        run = attempt_run(tracking.client(), experiment, cell, attempt)
+    except Exception as e:  # the store failed under us: do not guess
+        return Verdict("unknown", why=f"MLflow {tracking.tracking_uri()}: {type(e).__name__}: {str(e)[:200]}")
+    if run is None:
+        return Verdict("none")
+    status = run.data.tags.get("harness.status")
+    if status not in USABLE:
+        return Verdict("none", run_id=run.info.run_id)
+    if run.info.status == "RUNNING":  # killed between its last tag and set_terminated
+        tracking.client().set_terminated(run.info.run_id, "FINISHED")
+    final = {k: v for k, v in run.data.metrics.items()}
+    return Verdict("result", {"status": status, "run_id": run.info.run_id, "final": final,
+                              "config_hash": run.data.tags.get("harness.config_hash")}, "mlflow", run.info.run_id)
+
+
+def attempt_run(client: Any, experiment: str, cell: str, attempt: int) -> Any | None:
+    """The MLflow run of one attempt (the latest, should a job ever have made two)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`harness.cell` = '{cell}' and tags.`harness.attempt` = '{attempt}'"), max_results=10,
+        order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def publish(sweep_dir: Path, cell: str, verdict: Verdict, attempt: int) -> None:
+    """Make the adopted attempt's result the cell's result.json (atomically: a kill leaves old or new)."""
+    dest = cell_result_path(sweep_dir, cell)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".result.json.{os.getpid()}")
+    tmp.write_text(json.dumps({**verdict.result, "attempt": attempt}, indent=1))
+    os.replace(tmp, dest)
+
+
+def close_run(run_id: str | None, experiment: str, cell: str, attempt: int, status: str, reason: str) -> None:
+    """Best effort: an attempt that is not a result gets its MLflow run out of RUNNING, with why.
+
+    A job killed by SIGKILL cannot end its own run; the driver's tidy-up would mark it KILLED later anyway.
+    """
+    from harness import tracking
+
+    if tracking.unreachable():
+        return
+    try:
+        client = tracking.client()
+        run = client.get_run(run_id) if run_id else attempt_run(client, experiment, cell, attempt)
+        if run is None or run.info.status != "RUNNING":
+            return
+        client.set_tag(run.info.run_id, "harness.status", status)
+        client.set_tag(run.info.run_id, "harness.error", reason[:500])
+        client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as e:
+        log.warning("could not close the MLflow run of cell %s attempt %d: %s", cell, attempt, e)
+
+
+def supersede(run_id: str | None, reason: str) -> None:
+    """A usable run the ledger did not count (its attempt was settled by another process meanwhile): tagged
+    harness.status=superseded so the analysis does not count a second result for the cell."""
+    from harness import tracking
+
+    if not run_id or tracking.unreachable():
+        return
+    try:
+        client = tracking.client()
+        client.set_tag(run_id, "harness.status", "superseded")
+        client.set_tag(run_id, "harness.superseded", reason[:500])
+    except Exception as e:
+        log.warning("could not mark MLflow run %s superseded: %s", run_id, e)
