@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,16 +50,24 @@ def harness_seconds_per_step(cfg) -> float:
     return result["train_s"] / result["steps"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    from harness.config import load_config
+def main(argv: list[str] | None = None) -> int:
+    from harness.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/proxy.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
     a = parser.parse_args(argv)
-    os.environ.setdefault("HARNESS_RESULTS", tempfile.mkdtemp(prefix="harness-bench-"))
     base = [*BENCH_OVERRIDES, *a.overrides, "experiment=bench"]
+    try:  # every arm's config, before the first folder or run exists
+        if a.repeats < 1:
+            raise ConfigError(f"--repeats {a.repeats}: allowed: 1 or more")
+        for objective in ("grpo", "cfpo"):
+            load_config(a.config, [*base, f"objective={objective}"])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HARNESS_RESULTS", tempfile.mkdtemp(prefix="harness-bench-"))
     out = Path(os.environ["HARNESS_RESULTS"]) / "jobs"
     arms = {
         "bare TRL (grpo)": lambda: bare_trl_seconds_per_step(load_config(a.config, [*base, "objective=grpo",
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:18s} {med[name]:.4f}   runs: {', '.join(f'{x:.4f}' for x in v)}")
     print(f"  harness grpo / bare TRL : {med['harness grpo'] / med['bare TRL (grpo)']:.3f}")
     print(f"  harness cfpo / harness grpo : {med['harness cfpo'] / med['harness grpo']:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,8 +23,22 @@ def _train(args: argparse.Namespace) -> int:
     from harness.job import run_job
 
     cfg = load_config(args.config, args.overrides)
+    _check_paths(cfg, args.result)
     result = run_job(cfg, tags=dict(args.tag), parent_run_id=args.parent_run_id, result_path=args.result)
     return 0 if result["status"] in ("complete", "diverged") else 1
+
+
+def _check_paths(cfg, result: str | None) -> None:
+    """Where the job will write: its folder, result.json and a local MLflow store (harness.checks)."""
+    from harness.checks import writable_dir, writable_file
+    from harness.tracking import tracking_uri
+
+    writable_dir("output_dir", cfg.output_dir)
+    if result:
+        writable_file("--result", result)
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        writable_file("MLflow store", uri.removeprefix("sqlite:///"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,8 +197,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = parse_value(key, raw)
     return tree
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """One `key=value`'s value, read as YAML (1e-5 -> float, [1,2] -> list); malformed YAML is a ConfigError."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}={raw}: not a YAML value ({str(e).splitlines()[0]}); allowed: a scalar such as "
+                          "1e-5 or a list such as [1,2]") from None
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -212,9 +223,12 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
-    """Validate a raw mapping; the first problem becomes a one-line ConfigError naming the field."""
+    """Validate a raw mapping, then its values by the objects the job builds (harness.checks); the first problem
+    becomes a one-line ConfigError naming the field."""
+    from harness.checks import check_job
+
     try:
-        return JobConfig.model_validate(raw)
+        cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
@@ -224,6 +238,11 @@ def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
         # validators that name their own field (trl.*, cross-field checks) need no location prefix
         where = "" if not field or msg.startswith(field + ".") else f"{field}: "
         raise ConfigError(f"{source}: {where}{msg}") from None
+    try:
+        check_job(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -243,6 +262,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
             raise ConfigError(f"{path}: no such config file")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({e}); allowed: a readable YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):

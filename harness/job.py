@@ -41,25 +41,33 @@ def grpo_config(cfg: JobConfig, shape: BatchShape, device: str):
     """GRPOConfig from the user's TRL knobs, the batch shape and hardware-aware defaults."""
     from trl import GRPOConfig
 
-    hardware = ({"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
-                if device == "cpu" else {"bf16": True, "gradient_checkpointing": False})
+    check_vllm(cfg, device)
+    try:
+        return GRPOConfig(**grpo_config_kwargs(cfg, shape, device))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"trl: GRPOConfig rejected the settings: {str(e).splitlines()[0]}") from None
+
+
+def check_vllm(cfg: JobConfig, device: str) -> None:
     if cfg.trl.get("use_vllm"):
         import importlib.util
 
         if device == "cpu" or importlib.util.find_spec("vllm") is None:
             raise ConfigError("trl.use_vllm: needs a CUDA device and the vllm extra (pip install '.[vllm]'); "
                               "allowed here: false")
-    knobs = {**hardware, **cfg.trl, **FIXED_TRL_SETTINGS,
+
+
+def grpo_config_kwargs(cfg: JobConfig, shape: BatchShape, device: str) -> dict[str, Any]:
+    """GRPOConfig's arguments; harness.checks builds the same ones (device "cpu") to validate a config."""
+    hardware = ({"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
+                if device == "cpu" else {"bf16": True, "gradient_checkpointing": False})
+    return {**hardware, **cfg.trl, **FIXED_TRL_SETTINGS,
              "per_device_train_batch_size": shape.per_device_train_batch_size,
              "steps_per_generation": shape.steps_per_generation,
              "gradient_accumulation_steps": shape.gradient_accumulation_steps,
              "num_iterations": shape.num_iterations,
              "max_steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
              "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "trainer"), "run_name": cfg.objective}
-    try:
-        return GRPOConfig(**knobs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"trl: GRPOConfig rejected the settings: {str(e).splitlines()[0]}") from None
 
 
 def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: str | None = None,

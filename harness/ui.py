@@ -58,6 +58,15 @@ def wait_until_ready(url: str, proc: subprocess.Popen | None, timeout: float = R
         time.sleep(0.3)
 
 
+def _check_server_options(args: argparse.Namespace) -> None:
+    """Before a server starts: a bad port or host is one line here, not a server's traceback."""
+    from harness.checks import port
+
+    if getattr(args, "workers", 1) < 1:
+        raise ConfigError(f"--workers {args.workers}: allowed: 1 or more")
+    port("--port", args.host, args.port)
+
+
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
@@ -70,6 +79,7 @@ def _mlflow(args: argparse.Namespace) -> int:
         print(f"MLFLOW_TRACKING_URI is a tracking server; its UI is {uri.rstrip('/')}/#/experiments", flush=True)
         return 0
     cmd = mlflow_server_command(uri, args.host, args.port, args.workers)
+    _check_server_options(args)
     # Own process group: on Ctrl-C / SIGTERM the whole server (uvicorn and its workers) is stopped from here.
     proc = subprocess.Popen(cmd, start_new_session=True)
 
@@ -132,6 +142,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     from harness.sweep.ledger import open_storage
 
     url, study = ledger_storage(args.name, args.scale, args.storage, args.results_dir)
+    _check_server_options(args)
     # The ledger's own opener: the same journal backend and file lock the sweep's workers use.
     storage = open_storage(url)
     server = threading.Thread(target=optuna_dashboard.run_server, args=(storage,),

@@ -43,3 +43,50 @@ def test_hash_ignores_where_a_job_writes_and_proxy_section_of_real_models():
     assert config_hash(a) != config_hash(load_config(CONFIG, ["seed=1"]))
     real = ["model=Qwen/Qwen2.5-0.5B-Instruct", "task=gsm8k"]
     assert config_hash(load_config(CONFIG, real)) == config_hash(load_config(CONFIG, [*real, "proxy.hidden_size=64"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trl.learning_rate=-1", "trl.learning_rate=-1.0: rejected by the optimizer (adamw_torch_fused): Invalid learning"),
+    ("trl.temperature=0", "trl.temperature=0.0: rejected by sampling: `temperature` (=0.0) has to be a strictly"),
+    ("trl.max_completion_length=0", "trl.max_completion_length=0: rejected by the generation config"),
+    ("trl.top_k=-1", "trl.top_k=-1: rejected by sampling"),
+    ("trl.lr_scheduler_type=cosine_with_min_lr", "rejected by the learning-rate scheduler (cosine_with_min_lr)"),
+    ("trl.num_generations=1", "trl.num_generations=1: rejected by GRPOConfig"),
+    ("trl.beta=-0.5", "trl.beta=-0.5: allowed: a finite number >= 0"),
+    ("trl.epsilon=-0.2", "trl.epsilon=-0.2: allowed: a finite number > 0"),
+    ("trl.epsilon=.inf", "trl.epsilon=inf: allowed: a finite number > 0"),
+    ("trl.top_p=1.5", "trl.top_p=1.5: allowed: 0 < top_p <= 1"),
+    ("trl.weight_decay=-1", "trl.weight_decay=-1.0: allowed"),
+    ("trl.loss_type=nope", "trl.loss_type='nope': allowed: one of grpo,"),
+    ("trl.learning_rate=[1,", "trl.learning_rate=[1,: not a YAML value"),
+])
+def test_values_are_checked_by_the_objects_the_job_builds(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, ["trl.num_generations=4", "trl.per_device_train_batch_size=4", override])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_expensive_build_runs_once_per_distinct_trl_section_and_shape(monkeypatch):
+    from harness import checks
+    from harness.sweep.spec import load_spec, make_plan
+
+    calls = []
+    real = checks._build
+    monkeypatch.setattr(checks, "_BUILT", {})
+    monkeypatch.setattr(checks, "_build", lambda cfg, shape: calls.append(shape) or real(cfg, shape))
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy")
+    assert len(plan.cells) == 24 and len(calls) == len(set(calls)) == 4  # batch_ratio x iterations
+
+
+def test_paths_must_be_writable_folders(tmp_path):
+    from harness.checks import writable_dir, writable_file
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        writable_dir("output_dir", tmp_path / "f")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        writable_dir("output_dir", tmp_path / "f" / "sub")
+    with pytest.raises(ConfigError, match="is a folder"):
+        writable_file("--result", tmp_path)
+    writable_dir("output_dir", tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()
