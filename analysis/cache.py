@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from analysis.runs import RunInfo
 
-FORMAT_VERSION = 1  # bump when the stored rows or metadata change meaning
+FORMAT_VERSION = 2  # bump when the stored rows or metadata change meaning
 _META_KEY = b"analysis.run"
 METRIC_COLUMNS = ["step", "metric", "value"]
 

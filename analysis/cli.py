@@ -2,6 +2,7 @@
 
     python -m analysis figures NAME [--scale proxy] [--results-dir results] [--tracking-uri URI]
                                     [--cache-dir DIR] [--offline] [--rule KEY=VALUE ...]
+                                    [--baseline OBJECTIVE] [--measure NAME ...] [--only PARAM=VALUE ...]
         figures, tables and README.md under RESULTS_DIR/NAME/SCALE/
     python -m analysis tables NAME ...   tables only
     python -m analysis bench [NAME] ...  cold-store vs warm-cache regeneration time (synthetic study by default)
@@ -19,13 +20,18 @@ from analysis.collapse import CollapseRules
 from analysis.errors import AnalysisError
 
 
-def _rules(items: list[str]) -> CollapseRules:
+def _pairs(flag: str, items: list[str]) -> dict[str, str]:
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise AnalysisError(f"--rule expects KEY=VALUE, got {item!r}")
+        if not sep or not key:
+            raise AnalysisError(f"{flag} expects KEY=VALUE, got {item!r}")
         values[key] = value
+    return values
+
+
+def _rules(items: list[str]) -> CollapseRules:
+    values = _pairs("--rule", items)
     try:
         return CollapseRules(**values)
     except ValidationError as e:
@@ -48,10 +54,12 @@ def _regenerate(args: argparse.Namespace, figures: bool) -> int:
 
     out = regenerate(args.name, args.scale, results_dir=args.results_dir, tracking_uri=args.tracking_uri,
                      cache_dir=args.cache_dir, offline=True if args.offline else None, rules=_rules(args.rule),
-                     figures=figures, command=" ".join(["python -m analysis", *args.argv]))
+                     figures=figures, command=" ".join(["python -m analysis", *args.argv]),
+                     baseline=args.baseline, measures=args.measure, only=_pairs("--only", args.only))
     d = out.data
     print(f"{d.experiment}: {len(d.runs)} runs ({d.fetched_runs} read from MLflow, {d.cached_runs} from cache), "
           f"{len(d.excluded)} excluded cells, {int(out.verdicts['collapsed'].sum())} collapsed runs")
+    print(f"baseline: {out.baseline or 'none (one objective)'}; on-policy control: {out.control.status}")
     print(f"tables: {len(out.tables)} files in {next(iter(out.tables.values())).parent}")
     if figures:
         print(f"figures: {sum(map(len, out.figures.values()))} files in {out.figures['stable_regime'][0].parent}")
@@ -80,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--offline", action="store_true", help="read the cache only, never MLflow")
         p.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                        help="override a collapse rule threshold, e.g. --rule val_drop=0.4 (see analysis/collapse.py)")
+        p.add_argument("--baseline", default=None, metavar="OBJECTIVE",
+                       help="objective the others are compared against (default: grpo, else the first objective)")
+        p.add_argument("--measure", action="append", default=None, metavar="NAME",
+                       help="validation measure to compare (repeatable; default all: final_val, lastk_val, "
+                            "auc_val, gain_val)")
+        p.add_argument("--only", action="append", default=[], metavar="PARAM=VALUE",
+                       help="analyse only runs whose MLflow param has this value, e.g. --only rollout_batches=30")
         p.set_defaults(func=lambda a, f=figures: _regenerate(a, f))
     b = sub.add_parser("bench", help="time regeneration from a cold MLflow store vs a warm cache",
                        description="time regeneration from a cold MLflow store vs a warm cache; without NAME, on a "

@@ -5,8 +5,11 @@ A run is collapsed when any enabled rule fires; its collapse step is the earlies
 - validation: `val/reward` falls more than `val_drop` below its running peak P (v < (1 - val_drop) P) and the
   final value does not come back to `val_recover` x P. A dip that recovers is noise, not collapse.
 - entropy collapse: entropy below `entropy_floor` nats (the policy became nearly deterministic);
-- entropy explosion: entropy above `entropy_ceiling` x its first logged value (the policy went towards uniform);
-  both must hold for `entropy_patience` consecutive logged steps, so one noisy step does not count;
+- entropy explosion: entropy above `entropy_ceiling` x its value over the first rollout batch (the policy went
+  towards uniform); entropy is judged per rollout batch (the mean over the batch's optimizer steps), and a
+  condition must hold for `entropy_patience` consecutive rollout batches, so one noisy batch does not count
+  and the rule means the same at 1 and at 64 optimizer steps per batch; its step is the first step of the
+  first batch of the streak;
 - non-finite: a NaN or ±Inf `loss` or `grad_norm` (what the harness's divergence guard watches);
 - diverged: the harness stopped the run (harness.status == diverged), at the step in its harness.diverged_at
   tag, else at its last logged step.
@@ -34,7 +37,8 @@ class CollapseRules(BaseModel):
     entropy_floor: float = Field(0.05, ge=0, description="entropy (nats) below this is entropy collapse")
     entropy_ceiling: float = Field(2.0, gt=1, description="entropy above this multiple of its first logged value "
                                    "is entropy explosion")
-    entropy_patience: int = Field(3, ge=1, description="consecutive logged steps an entropy condition must hold")
+    entropy_patience: int = Field(3, ge=1, description="consecutive rollout batches an entropy condition "
+                                  "(on the batch's mean entropy) must hold")
     nonfinite: bool = Field(True, description="a NaN or Inf loss or grad_norm is collapse")
     diverged_status: bool = Field(True, description="harness.status == diverged is collapse")
 
@@ -88,13 +92,15 @@ def judge_run(curves: dict[str, pd.DataFrame], status: str, steps_per_batch: int
         fired.append((s, f"val reward fell >{rules.val_drop:.0%} below peak, not back to {rules.val_recover:.0%}"))
 
     steps, ent = arrays(ENTROPY)
-    if len(ent):
-        s = first_streak(steps, ent < rules.entropy_floor, rules.entropy_patience)
+    ok = np.isfinite(ent)
+    if ok.any():
+        by_batch = pd.Series(ent[ok]).groupby(np.ceil(steps[ok] / steps_per_batch).astype(int)).mean()
+        first_step = (by_batch.index.to_numpy() - 1) * steps_per_batch + 1
+        batch_ent = by_batch.to_numpy()
+        s = first_streak(first_step, batch_ent < rules.entropy_floor, rules.entropy_patience)
         if s is not None:
             fired.append((s, f"entropy < {rules.entropy_floor:g} nats"))
-        finite = ent[np.isfinite(ent)]
-        initial = finite[0] if len(finite) else np.nan
-        s = first_streak(steps, ent > rules.entropy_ceiling * initial, rules.entropy_patience)
+        s = first_streak(first_step, batch_ent > rules.entropy_ceiling * batch_ent[0], rules.entropy_patience)
         if s is not None:
             fired.append((s, f"entropy > {rules.entropy_ceiling:g}x initial"))
 

@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 
 from analysis.load import StudyData
 from analysis.metrics import CURVES, CURVES_BY_KEY, CurveMetric
+from analysis.paired import MEASURE_LABELS
 from analysis.stats import LEVEL, mean_ci
 from analysis.style import objective_order, objective_styles
 
@@ -29,6 +30,7 @@ MIN_WIDTH_IN = 6.9  # room for a two-line title and two legend columns of ablati
 CELL_IN = (1.1, 0.8)  # inches per heatmap cell
 HATCH = "xx"  # marks collapsed cells on the stable-regime map
 HEADLINE = "stable_regime"
+VERDICT = "verdict"
 
 
 def grid_axes(runs: pd.DataFrame) -> tuple[list[int], list[int]]:
@@ -83,7 +85,7 @@ def curve_figure(data: StudyData, metric: str | CurveMetric) -> Figure:
 def stable_regime_figure(table: pd.DataFrame, study: str, scale: str) -> Figure:
     """Rows = objectives, columns = (final val reward, val AUC); each panel a batch_ratio x iterations heatmap.
 
-    `table` is analysis.tables.cell_table; hatched cells had >= 1 collapsed seed (k/n written in the cell).
+    `table` is analysis.tables.cell_table; every cell shows k/n collapsed seeds, hatched when k >= 1.
     A colour scale is shared by all objectives of a column, so colours compare across objectives.
     """
     ratios = sorted(table["batch_ratio"].unique().tolist())
@@ -115,7 +117,8 @@ def stable_regime_figure(table: pd.DataFrame, study: str, scale: str) -> Figure:
             ax.set_ylabel("batch ratio")
             ax.set_title(f"{objective}: {label}", fontsize=10)
         fig.colorbar(im, ax=axes[:, c], label=label, shrink=0.8)
-    fig.suptitle(f"Stable regime: {study} ({scale} scale)\nmean over seeds; hatched = collapsed seeds (k/n)",
+    fig.suptitle(f"Stable regime: {study} ({scale} scale)\nmean over seeds (scored over the full budget); "
+                 "k/n seeds collapsed, hatched when k > 0",
                  fontsize=10)
     return fig
 
@@ -124,11 +127,11 @@ def _annotate(ax: Axes, i: int, j: int, row: pd.Series | None, col: str, span: t
     if row is None:
         ax.text(j, i, "no runs", ha="center", va="center", fontsize=8, color="0.4")
         return
-    value, text = row[col], f"{row[col]:.3f}"
+    value = row[col]
+    text = f"{value:.3f}\n{row['collapsed_n']}/{row['seeds']} collapsed"  # k/n always: 0/3 is a finding too
     if row["collapsed_n"] > 0:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch=HATCH, edgecolor="white", lw=0,
                                alpha=0.7))
-        text += f"\n{row['collapsed_n']}/{row['seeds']} collapsed"
     dark = (value - span[0]) / (span[1] - span[0]) < 0.6 if np.isfinite(value) else False  # viridis: dark low end
     box = {"facecolor": "black" if dark else "white", "alpha": 0.6, "lw": 0} if row["collapsed_n"] > 0 else None
     ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black", bbox=box)
@@ -161,9 +164,50 @@ def curve_metrics(data: StudyData) -> list[CurveMetric]:
     return [m for m in CURVES if not m.optional or data.runs_with(m.key)]
 
 
-def make_figures(data: StudyData, table: pd.DataFrame, folder: str | Path) -> dict[str, list[Path]]:
-    """Write every figure; returns {stem: [png, pdf]}, the headline first."""
+def verdict_figure(agg: pd.DataFrame, axes: list[str], study: str, scale: str) -> Figure:
+    """The aggregate verdict: per measure, probability of improvement and IQM of paired differences over the
+    off-policy cells, one row per comparison (objective [and extra axes] minus baseline), point and interval."""
+    measures = list(dict.fromkeys(agg["measure"]))
+    labels = list(dict.fromkeys(_comparison_labels(agg, axes)))
+    fig = Figure(figsize=(MIN_WIDTH_IN + 1.5, 0.45 * len(labels) * len(measures) + 1.6), layout="constrained")
+    grid = fig.subplots(len(measures), 2, squeeze=False, sharey=True)
+    styles = objective_styles(agg["objective"])
+    for r, measure in enumerate(measures):
+        rows = agg[agg["measure"] == measure].assign(label=lambda d: _comparison_labels(d, axes))
+        for c, (stat, ref, title) in enumerate([("p_improve", 0.5, "P(improvement over baseline)"),
+                                                ("iqm", 0.0, "IQM of paired differences")]):
+            ax: Axes = grid[r, c]
+            ax.axvline(ref, color="0.5", lw=0.8, ls="--")
+            for y, label in enumerate(labels):
+                hit = rows[rows["label"] == label]
+                if hit.empty:
+                    continue
+                row = hit.iloc[0]
+                color = styles[row["objective"]]["color"]
+                ax.errorbar(row[stat], y, xerr=[[row[stat] - row[f"{stat}_lo"]], [row[f"{stat}_hi"] - row[stat]]],
+                            fmt="o", color=color, capsize=3)
+            ax.set_yticks(range(len(labels)), labels)
+            ax.set_title(f"{title}: {MEASURE_LABELS.get(measure, measure)}", fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+            if c == 0:
+                ax.set_xlim(-0.02, 1.02)
+    grid[0, 0].invert_yaxis()  # shared y: first comparison on top in every panel
+    fig.suptitle(f"Aggregate verdict: {study} ({scale} scale)\noff-policy cells as strata, paired seeds, "
+                 f"stratified bootstrap {LEVEL:.0%} intervals", fontsize=10)
+    return fig
+
+
+def _comparison_labels(agg: pd.DataFrame, axes: list[str]) -> list[str]:
+    return [" ".join([f"{r['objective']} - {r['baseline']}", *(f"{a}={r[a]}" for a in axes if r[a] != "")])
+            for _, r in agg.iterrows()]
+
+
+def make_figures(data: StudyData, table: pd.DataFrame, folder: str | Path, agg: pd.DataFrame | None = None,
+                 axes: list[str] = ()) -> dict[str, list[Path]]:
+    """Write every figure; returns {stem: [png, pdf]}, the headline first, then the verdict (when there is one)."""
     written = {HEADLINE: save(stable_regime_figure(table, data.study, data.scale), folder, HEADLINE)}
+    if agg is not None and len(agg):
+        written[VERDICT] = save(verdict_figure(agg, list(axes), data.study, data.scale), folder, VERDICT)
     for spec in curve_metrics(data):
         written[spec.slug] = save(curve_figure(data, spec), folder, spec.slug)
     return written

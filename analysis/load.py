@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from analysis.cache import METRIC_COLUMNS, RunCache
 from analysis.errors import AnalysisError
 from analysis.layout import experiment_name, missing_sqlite_file
 from analysis.metrics import ALL_KEYS
+from analysis.pooling import check_replicates, select
 from analysis.runs import RunInfo, choose_attempts, run_info, runs_frame
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,14 @@ class StudyData:
 
 
 def load_study(study: str, scale: str, *, tracking_uri: str, cache_dir: str | Path,
-               keys: Iterable[str] = ALL_KEYS, offline: bool | None = None) -> StudyData:
+               keys: Iterable[str] = ALL_KEYS, offline: bool | None = None, only: Mapping[str, str] | None = None,
+               validate: Callable[[list[RunInfo]], None] | None = None) -> StudyData:
     """Load the chosen attempt of every cell of `study` at `scale` (see the module docstring).
 
     offline: None reads MLflow unless the tracking URI is a sqlite file that does not exist; True reads the
-    cache only; False always reads MLflow.
+    cache only; False always reads MLflow. only: keep runs whose params match (analysis.pooling.select).
+    The chosen runs must be replicates line by line (analysis.pooling.check_replicates); `validate` may
+    refuse them too. Both run before anything is read into or written to the cache.
     """
     keys = set(keys)
     cache = RunCache(cache_dir)
@@ -78,7 +82,7 @@ def load_study(study: str, scale: str, *, tracking_uri: str, cache_dir: str | Pa
     missing = missing_sqlite_file(tracking_uri)
     if offline or (offline is None and missing is not None):
         why = "offline (MLflow not read)" if offline else f"no MLflow store at {missing}"
-        return _from_cache(study, scale, cache, keys, why)
+        return _from_cache(study, scale, cache, keys, why, only or {}, validate)
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
@@ -86,10 +90,11 @@ def load_study(study: str, scale: str, *, tracking_uri: str, cache_dir: str | Pa
         raise AnalysisError(f"no MLflow experiment {name!r} at {tracking_uri}: is the study name or scale wrong?")
     all_runs = _search_all(client, experiment.experiment_id)
     logged = {r.info.run_id: set(r.data.metrics) for r in all_runs}  # latest values: which keys each run has
-    chosen, excluded = choose_attempts([i for i in map(run_info, all_runs) if i is not None])
+    chosen, excluded = choose_attempts(select([i for i in map(run_info, all_runs) if i is not None], only or {}))
     if not chosen:
         raise AnalysisError(f"study {name!r} has no complete or diverged runs at {tracking_uri} "
                             f"({len(excluded)} failed or running cells)")
+    _validate(chosen, validate)
 
     frames, fetched, cached = [], 0, 0
     for info in chosen:
@@ -106,14 +111,24 @@ def load_study(study: str, scale: str, *, tracking_uri: str, cache_dir: str | Pa
     return _study(study, scale, frames, chosen, excluded, tracking_uri, fetched, cached)
 
 
-def _from_cache(study: str, scale: str, cache: RunCache, keys: set[str], why: str) -> StudyData:
+def _validate(chosen: list[RunInfo], validate: Callable[[list[RunInfo]], None] | None) -> None:
+    check_replicates(chosen)
+    if validate is not None:
+        validate(chosen)
+
+
+def _from_cache(study: str, scale: str, cache: RunCache, keys: set[str], why: str, only: Mapping[str, str],
+                validate: Callable[[list[RunInfo]], None] | None) -> StudyData:
     name = experiment_name(study, scale)
     entries = cache.entries(name)
     if not entries:
         raise AnalysisError(f"{why}, and no cached runs of {name!r} in {cache.folder}")
     # The cache holds finished runs only, so each cell's latest cached attempt is its latest usable one
     # as of the last load that reached MLflow.
-    chosen, _ = choose_attempts([e.info for e in entries])
+    chosen, _ = choose_attempts(select([e.info for e in entries], only))
+    if not chosen:
+        raise AnalysisError(f"{why}, and no cached run of {name!r} matches --only")
+    _validate(chosen, validate)
     by_id = {e.info.run_id: e for e in entries}
     stale = sorted(i.run_id for i in chosen if not keys <= by_id[i.run_id].keys)
     if stale:
@@ -126,11 +141,6 @@ def _from_cache(study: str, scale: str, cache: RunCache, keys: set[str], why: st
 def _study(study: str, scale: str, frames: list[pd.DataFrame], chosen: list[RunInfo], excluded: list[RunInfo],
            source: str, fetched: int, cached: int) -> StudyData:
     grid = runs_frame(chosen)
-    dup = grid[grid.duplicated(["objective", "batch_ratio", "iterations", "seed"], keep=False)]
-    if len(dup):
-        # Two configs at one grid point and seed (e.g. different learning rates): they would be averaged as seeds.
-        log.warning("several cells share objective/batch_ratio/iterations/seed; they are averaged together: %s",
-                    ", ".join(dup["cell"]))
     long = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LONG_COLUMNS)
     return StudyData(study, scale, long[LONG_COLUMNS], grid, runs_frame(excluded), source, fetched, cached)
 

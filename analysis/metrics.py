@@ -14,6 +14,9 @@ CLIP_RATIO = "clip_ratio/region_mean"
 GRAD_NORM = "grad_norm"
 GRAD_CLIPPED = "grad_clipped"
 STEPS_ON_BATCH = "rollout/steps_on_batch"
+ROLLOUT_BATCH = "rollout/batch"
+RATIO_MEASURED = "rollout/ratio_measured"
+RATIO_ABS_DEV = "ratio/abs_dev_mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,7 @@ CURVES: tuple[CurveMetric, ...] = (
     CurveMetric(ROLLOUT_KL, "KL(rollout || policy)", "rollout_kl"),
     CurveMetric(REF_KL, "KL to reference", "ref_kl", optional=True),
     CurveMetric(ENTROPY, "entropy (nats)", "entropy"),
-    CurveMetric("ratio/abs_dev_mean", "mean |r - 1|", "ratio_abs_dev"),
+    CurveMetric(RATIO_ABS_DEV, "mean |r - 1|", "ratio_abs_dev"),
     CurveMetric("completions/mean_length", "completion length (tokens)", "completion_length"),
     CurveMetric(GRAD_NORM, "grad norm (before clipping)", "grad_norm", yscale="log"),
 )
@@ -40,10 +43,13 @@ CURVES_BY_KEY = {c.key: c for c in CURVES}
 
 # Read by the tables (beyond val/reward) and by the collapse rules.
 TABLE_KEYS: tuple[str, ...] = (VAL_REWARD, ROLLOUT_KL, CLIP_RATIO, GRAD_CLIPPED, STEPS_ON_BATCH)
+# Read when logged (runs of older harness versions lack them; analysis.summary says what it does instead).
+OPTIONAL_TABLE_KEYS: tuple[str, ...] = (RATIO_ABS_DEV, RATIO_MEASURED, ROLLOUT_BATCH)
 COLLAPSE_KEYS: tuple[str, ...] = (VAL_REWARD, ENTROPY, LOSS)
 
 # Everything the figures, tables and report need: what the loader fetches and caches.
-ALL_KEYS: tuple[str, ...] = tuple(dict.fromkeys([c.key for c in CURVES] + list(TABLE_KEYS) + list(COLLAPSE_KEYS)))
+ALL_KEYS: tuple[str, ...] = tuple(dict.fromkeys([c.key for c in CURVES] + list(TABLE_KEYS) + list(OPTIONAL_TABLE_KEYS)
+                                                + list(COLLAPSE_KEYS)))
 # Keys a study must have (in at least one run) for each command; optional curves are skipped instead.
 REQUIRED_FOR_TABLES: tuple[str, ...] = TABLE_KEYS
 REQUIRED_FOR_FIGURES: tuple[str, ...] = tuple(

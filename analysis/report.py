@@ -1,25 +1,25 @@
-"""results/<study>/<scale>/README.md: figures, tables, a summary computed from the data, exclusions, run ids.
+"""results/<study>/<scale>/README.md: what was compared and how, the verdict, figures, tables, run ids.
 
-The summary states only what the data support: which cells collapsed under which objective, and the cells
-where two objectives' 95% t-intervals of final val reward or val AUC do not overlap (no claim from one seed).
+Every sentence of the summary is computed from the data: the on-policy control, the code versions behind the
+runs, the aggregate verdict (IQM and probability of improvement over the off-policy cells), the per-cell paired
+differences with the smallest difference each null could have detected, and the collapses with exact intervals.
 """
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
 from analysis.collapse import CollapseRules
-from analysis.figures import HEADLINE
+from analysis.figures import HEADLINE, VERDICT
+from analysis.formatting import interval, markdown
 from analysis.load import StudyData
 from analysis.metrics import CURVES
-from analysis.stats import LEVEL
+from analysis.paired import MEASURE_LABELS, Control
+from analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, POWER
 from analysis.style import objective_order
-from analysis.tables import markdown
-
-COMPARED = [("final_val", "final val reward"), ("auc_val", "val reward AUC")]
+from analysis.summary import LAST_K, SE_MARGIN
 
 
 def _n(count: int, noun: str) -> str:
@@ -30,62 +30,113 @@ def _cell(b: int, it: int) -> str:
     return f"batch ratio {b} × iterations {it}"
 
 
-def collapse_summary(table: pd.DataFrame, verdicts: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
-    """One bullet per objective: the cells with collapsed seeds, how many, when and why."""
-    v = verdicts.merge(runs[["run_id", "objective", "batch_ratio", "iterations"]], on="run_id")
-    lines = []
-    for objective in objective_order(table["objective"]):
-        rows = table[(table["objective"] == objective) & (table["collapsed_n"] > 0)]
-        total = int((table["objective"] == objective).sum())
-        if rows.empty:
-            lines.append(f"- **{objective}**: no collapse in any of its {_n(total, 'cell')}.")
-            continue
-        parts = []
-        for r in rows.itertuples(index=False):
-            seeds = v[(v["objective"] == objective) & (v["batch_ratio"] == r.batch_ratio)
-                      & (v["iterations"] == r.iterations) & v["collapsed"]]
-            reasons = sorted({x for reason in seeds["reason"] for x in reason.split("; ")})
-            when = ", ".join(f"{x:g}" for x in r.collapse_rbs)
-            parts.append(f"{_cell(r.batch_ratio, r.iterations)} ({r.collapsed_n}/{r.seeds} seeds, at rollout "
-                         f"batch {when}: {'; '.join(reasons)})")
-        lines.append(f"- **{objective}** collapsed in {len(rows)} of {_n(total, 'cell')}: " + "; ".join(parts) + ".")
+def _axes_text(row: pd.Series, axes: list[str]) -> str:
+    return "".join(f", {a}={row[a]}" for a in axes if row.get(a, "") != "")
+
+
+def method_lines(summaries: pd.DataFrame, baseline: str | None, measures: list[str]) -> list[str]:
+    seeds = summaries.groupby(["batch_ratio", "iterations", "objective"])["seed"].nunique()
+    lo, hi = (int(seeds.min()), int(seeds.max())) if len(seeds) else (0, 0)
+    others = [o for o in objective_order(summaries["base_objective"]) if o != baseline]
+    lines = [f"- Compared: {', '.join(others) or 'nothing'} against the baseline **{baseline}**, in every "
+             f"(batch ratio × iterations) cell, on {lo if lo == hi else f'{lo}-{hi}'} seeds per cell and objective."
+             if baseline else "- One objective: no comparison between objectives.",
+             "- Pairing: seed s of every objective shares the warm-started model, the prompt order and the first "
+             "rollout, so each comparison is the per-seed difference (objective − baseline); a seed present in "
+             "one arm only is left out and counted.",
+             f"- Per cell: mean difference with a {LEVEL:.0%} t-interval on n − 1 degrees of freedom, effect size "
+             f"d_z = mean / sd, and the minimum detectable difference (MDE: {POWER:.0%} power, two-sided "
+             f"{1 - LEVEL:.0%}, from the observed sd of the differences). A difference is claimed only when the "
+             "interval excludes 0; otherwise the cell reads \"no difference larger than the MDE\". Per-cell tests "
+             "are not adjusted for their number: the aggregate is the verdict to quote.",
+             f"- Aggregate over the off-policy cells (batch ratio × iterations > 1) as strata: interquartile mean "
+             f"(IQM) of the paired differences and the probability of improvement P(objective > baseline) (paired "
+             f"seeds, ties 1/2, averaged over cells), each with a stratified-bootstrap {LEVEL:.0%} percentile "
+             f"interval ({BOOTSTRAP_RESAMPLES} resamples of seeds within cells, seed {BOOTSTRAP_SEED}, "
+             "scipy.stats.bootstrap).",
+             f"- Measures: {', '.join(MEASURE_LABELS[m] for m in measures)}. Scoring covers the full budget: a "
+             "diverged run counts 0 from its divergence on (its curve falls linearly from its last evaluation to "
+             f"0 at the divergence); \"last 3 evals\" is the mean of the last {LAST_K} scheduled evaluations; the "
+             "peak excludes the step-0 evaluation.",
+             f"- \"Fell below start\": more than {SE_MARGIN:g} binomial standard errors of the start value below it "
+             "on two consecutive evaluations; a run that never fell is censored at the budget, not left out.",
+             "- Collapse counts are k/n seeds with Clopper-Pearson (exact) 95% intervals."]
     return lines
 
 
-def separated(table: pd.DataFrame, col: str) -> list[tuple[int, int, str, str]]:
-    """(batch_ratio, iterations, higher objective, lower objective) where the two t-intervals do not overlap."""
-    out = []
-    for (b, it), cell in table.groupby(["batch_ratio", "iterations"], sort=True):
-        rows = {r["objective"]: r for _, r in cell.iterrows()}
-        for x, y in itertools.combinations(objective_order(rows), 2):
-            rx, ry = rows[x], rows[y]
-            if pd.isna(rx[f"{col}_lo"]) or pd.isna(ry[f"{col}_lo"]):
-                continue  # a single seed has no interval: no claim
-            if rx[f"{col}_lo"] > ry[f"{col}_hi"]:
-                out.append((b, it, x, y))
-            elif ry[f"{col}_lo"] > rx[f"{col}_hi"]:
-                out.append((b, it, y, x))
-    return out
+def control_lines(ctl: Control) -> list[str]:
+    if ctl.status == "FAILED":
+        return [f"**CONTROL FAILED**: {ctl.detail}"]
+    return [f"On-policy control {ctl.status}: {ctl.detail}"]
 
 
-def difference_summary(table: pd.DataFrame) -> list[str]:
+def version_lines(versions: dict[str, int]) -> list[str]:
+    if len(versions) == 1 and "dirty" not in next(iter(versions)) and "unknown" not in next(iter(versions)):
+        return [f"Code: every run from commit `{next(iter(versions))}`."]
+    listing = "; ".join(f"`{k}`: {_n(v, 'run')}" for k, v in versions.items())
+    return [f"**Code versions differ or are not clean**: {listing}. Runs of one line may come from different code."]
+
+
+def aggregate_lines(agg: pd.DataFrame, axes: list[str]) -> list[str]:
+    if agg.empty:
+        return ["- No off-policy cell has paired seeds: no aggregate verdict."]
     lines = []
-    fmt = lambda r, col: f"{r[col + '_mean']:.3f} [{r[col + '_lo']:.3f}, {r[col + '_hi']:.3f}]"  # noqa: E731
-    for col, name in COMPARED:
-        found = separated(table, col)
-        if not found:
-            lines.append(f"- {name}: no cell where the objectives' {LEVEL:.0%} intervals separate.")
+    for _, r in agg.iterrows():
+        m, lo, hi = r["iqm"], r["iqm_lo"], r["iqm_hi"]
+        p_lo, p_hi = r["p_improve_lo"], r["p_improve_hi"]
+        if lo > 0 and p_lo > 0.5:
+            verdict = f"**{r['objective']} higher**"
+        elif hi < 0 and p_hi < 0.5:
+            verdict = f"**{r['objective']} lower**"
+        elif lo > 0 or hi < 0 or p_lo > 0.5 or p_hi < 0.5:
+            verdict = "mixed: one of the two intervals excludes no-difference, the other does not"
+        else:
+            verdict = (f"no detectable difference (the IQM interval spans {lo:+.3f} to {hi:+.3f}: differences "
+                       "outside it are excluded)")
+        lines.append(f"- {r['objective']} − {r['baseline']}{_axes_text(r, axes)}, {MEASURE_LABELS[r['measure']]} "
+                     f"({_n(int(r['strata']), 'cell')}, {int(r['pairs'])} pairs): IQM {interval(m, lo, hi, sign='+')}, "
+                     f"P(improvement) {interval(r['p_improve'], p_lo, p_hi, '.2f')}: {verdict}.")
+    return lines
+
+
+def cell_lines(paired_rows: pd.DataFrame, axes: list[str], measures: list[str]) -> list[str]:
+    lines = []
+    for (objective, measure), rows in paired_rows.groupby(["objective", "measure"], sort=False):
+        if measure not in measures:
             continue
-        items = []
-        for b, it, hi, lo in found:
-            row = lambda o: table[(table["batch_ratio"] == b) & (table["iterations"] == it)  # noqa: E731
-                                  & (table["objective"] == o)].iloc[0]
-            items.append(f"{_cell(b, it)}: {hi} {fmt(row(hi), col)} > {lo} {fmt(row(lo), col)}")
-        lines.append(f"- {name}, {_n(len(found), 'cell')} where the {LEVEL:.0%} intervals do not overlap: "
-                     + "; ".join(items) + ".")
-    single = int((table["seeds"] < 2).sum())
-    if single:
-        lines.append(f"- {_n(single, '(cell, objective) row')} with a single seed: no interval, so no claim.")
+        found = rows[rows["verdict"].isin(["higher", "lower"])]
+        null = rows[rows["verdict"] == "no detectable difference"]
+        same = rows[rows["verdict"] == "identical"]
+        few = rows[rows["verdict"] == "too few seeds"]
+        parts = [f"{_cell(r.batch_ratio, r.iterations)}{_axes_text(r, axes)}: {r.verdict} "
+                 f"{interval(r.mean_diff, r.lo, r.hi, sign='+')} (d_z {r.effect:+.2f})" for _, r in found.iterrows()]
+        head = f"- {objective} − {rows['baseline'].iloc[0]}, {MEASURE_LABELS[measure]}: "
+        text = (f"{_n(len(found), 'cell')} with a difference: " + "; ".join(parts) + ". ") if len(found) else ""
+        if len(null):
+            mdes = ", ".join(f"{_cell(r.batch_ratio, r.iterations)}{_axes_text(r, axes)} {r.mde:.3f}"
+                             for _, r in null.iterrows())
+            text += f"no detectable difference in {_n(len(null), 'cell')} (no difference larger than: {mdes}). "
+        if len(same):
+            text += f"identical in {_n(len(same), 'cell')}. "
+        if len(few):
+            text += f"{_n(len(few), 'cell')} with fewer than 2 pairs: no claim. "
+        lines.append(head + text.strip())
+    return lines
+
+
+def collapse_lines(table: pd.DataFrame) -> list[str]:
+    lines = []
+    for objective in objective_order(table["objective"]):
+        rows = table[table["objective"] == objective]
+        hit = rows[rows["collapsed_n"] > 0]
+        if hit.empty:
+            lines.append(f"- **{objective}**: 0 collapsed seeds in all {_n(len(rows), 'cell')} "
+                         f"({int(rows['seeds'].sum())} runs).")
+            continue
+        parts = [f"{_cell(r.batch_ratio, r.iterations)} {r.collapsed_n}/{r.seeds} "
+                 f"[{r.collapse_lo:.2f}, {r.collapse_hi:.2f}] at rollout batch {', '.join(f'{x:g}' for x in r.collapse_rbs)}"
+                 for r in hit.itertuples(index=False)]
+        lines.append(f"- **{objective}** collapsed in {len(hit)} of {_n(len(rows), 'cell')}: " + "; ".join(parts) + ".")
     return lines
 
 
@@ -110,62 +161,55 @@ def _info_table(runs: pd.DataFrame, extra: dict[str, pd.Series] | None = None) -
     return markdown(df.sort_values(["batch ratio", "iterations", "objective", "seed"]))
 
 
-def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, figures: dict[str, list[Path]],
-                 tables: dict[str, Path], path: str | Path, rules: CollapseRules, command: str) -> Path:
+def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, analysis: dict,
+                 figures: dict[str, list[Path]], tables: dict[str, Path], path: str | Path, rules: CollapseRules,
+                 command: str) -> Path:
+    """analysis: baseline, measures, axes, paired, aggregate, control, versions, summaries (see pipeline)."""
     path = Path(path)
     rel = lambda p: Path(p).relative_to(path.parent).as_posix()  # noqa: E731 - links relative to the README
+    a = analysis
     n_cells = table[["batch_ratio", "iterations"]].drop_duplicates().shape[0]
-    md = [
-        f"# {data.study}: {data.scale} scale",
-        "",
-        f"Generated by `{command}` from MLflow experiment `{data.experiment}` "
-        f"({_public_uri(data.source)}): {len(data.runs)} runs over {n_cells} (batch ratio × iterations) cells "
-        f"and {table['objective'].nunique()} objectives; {_n(len(data.excluded), 'cell')} excluded (no complete or "
-        "diverged attempt). "
-        f"Do not edit by hand: rerun the command.",
-        "",
-        "## Summary",
-        "",
-        "Collapse (rules below):",
-        "",
-        *collapse_summary(table, verdicts, data.runs),
-        "",
-        f"Differences between objectives beyond {LEVEL:.0%} t-interval overlap (over seeds):",
-        "",
-        *difference_summary(table),
-        "",
-        "## Stable regime",
-        "",
-        f"![stable regime]({rel(figures[HEADLINE][0])})",
-        "",
-        "Final validation reward and its time average (area under the curve / length), mean over seeds; "
-        "hatched cells had collapsed seeds (k/n written in the cell). "
-        f"[PDF]({rel(figures[HEADLINE][1])})",
-        "",
-        "## Tables",
-        "",
-    ]
-    for name, title in [("val_reward", "Validation reward"), ("stability", "Stability")]:
-        md += [f"### {title}", "", tables[f"{name}.md"].read_text(),
-               f"LaTeX: [{name}.tex]({rel(tables[name + '.tex'])})", ""]
-    md += [f"All numbers: [cells.csv]({rel(tables['cells.csv'])}).", "", "## Training curves", "",
+    diverged = int((data.runs["status"] == "diverged").sum())
+    md = [f"# {data.study}: {data.scale} scale", "",
+          f"Generated by `{command}` from MLflow experiment `{data.experiment}` ({_public_uri(data.source)}): "
+          f"{len(data.runs)} runs over {n_cells} (batch ratio × iterations) cells and "
+          f"{table['objective'].nunique()} lines; {_n(len(data.excluded), 'cell')} excluded (no complete or "
+          "diverged attempt). Do not edit by hand: rerun the command.", "",
+          "## What was compared, and how", "", *method_lines(a["summaries"], a["baseline"], a["measures"]), "",
+          "## Summary", "", *control_lines(a["control"]), "", *version_lines(a["versions"]), ""]
+    if diverged:
+        md += [f"{_n(diverged, 'run')} diverged; scored 0 from the divergence on.", ""]
+    if a["baseline"]:
+        md += ["Aggregate verdict (the headline):", "", *aggregate_lines(a["aggregate"], a["axes"]), "",
+               "Per cell (paired differences):", "", *cell_lines(a["paired"], a["axes"], a["measures"]), ""]
+    md += ["Collapse (rules below), k/n seeds [Clopper-Pearson 95%]:", "", *collapse_lines(table), "",
+           "## Stable regime", "", f"![stable regime]({rel(figures[HEADLINE][0])})", "",
+           "Final validation reward and its time average (AUC / budget), mean over seeds, scored over the full "
+           f"budget; every cell shows k/n seeds collapsed, hatched when k > 0. [PDF]({rel(figures[HEADLINE][1])})", ""]
+    if VERDICT in figures:
+        md += ["## Aggregate verdict", "", f"![verdict]({rel(figures[VERDICT][0])})", "",
+               f"[PDF]({rel(figures[VERDICT][1])})", ""]
+    md += ["## Tables", ""]
+    for name, title in [("aggregate", "Aggregate over off-policy cells"), ("paired", "Paired differences per cell"),
+                        ("val_reward", "Validation reward"), ("stability", "Stability")]:
+        md += [f"### {title}", "", tables[f"{name}.md"].read_text(), f"LaTeX: [{name}.tex]({rel(tables[name + '.tex'])})", ""]
+    md += [f"All numbers: [cells.csv]({rel(tables['cells.csv'])}), [paired.csv]({rel(tables['paired.csv'])}), "
+           f"[aggregate.csv]({rel(tables['aggregate.csv'])}).", "", "## Training curves", "",
            "Rows: batch ratio; columns: iterations; x: rollout batches; line: mean over seeds; band: "
-           f"{LEVEL:.0%} t-interval (none with one seed).", ""]
+           f"{LEVEL:.0%} t-interval (none with one seed). Curves show what was logged (a diverged run's line stops).", ""]
     for spec in CURVES:
         if spec.slug in figures:
             png, pdf = figures[spec.slug]
             md += [f"### {spec.label}", "", f"![{spec.label}]({rel(png)})", "", f"[PDF]({rel(pdf)})", ""]
     md += ["## Collapse rules", "", "A run is collapsed when any rule fires; its collapse point is the earliest.", ""]
-    md += [f"- `{name}` = {getattr(rules, name)}: {field.description}"
-           for name, field in CollapseRules.model_fields.items()]
-    md += ["", "## Excluded cells (failed, killed or running: not plotted)", ""]
+    md += [f"- `{name}` = {getattr(rules, name)}: {field.description}" for name, field in CollapseRules.model_fields.items()]
+    md += ["", "## Excluded cells (failed, killed or running: not in any number)", ""]
     md += [_info_table(data.excluded, {"MLflow status": data.excluded["mlflow_status"],
-                                       "note": data.excluded["note"].map(_short)}) if len(data.excluded)
-           else "None.", ""]
+                                       "note": data.excluded["note"].map(_short)}) if len(data.excluded) else "None.", ""]
     collapsed = verdicts.set_index("run_id")["collapsed"]
     md += ["## Runs behind every number", "",
-           "Each table row and figure line averages the runs of its (batch ratio, iterations, objective); "
-           "only the latest complete or diverged attempt of a cell counts.", "",
+           "Each table row and figure line averages the runs of its (batch ratio, iterations, objective); only the "
+           "latest complete or diverged attempt of a cell counts.", "",
            _info_table(data.runs, {"collapsed": data.runs["run_id"].map(collapsed).map({True: "yes", False: "no"}),
                                    "note": data.runs["note"].map(_short)})]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,16 @@ class RunInfo:
     mlflow_status: str  # MLflow's own run status: RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
     diverged_at: int | None = None  # harness.diverged_at: step at which the harness's divergence guard stopped it
     note: str = ""  # harness.diverged_reason or harness.error: why it diverged or failed, for the report
+    base_objective: str = ""  # the objective tag alone (`objective` is the line label: objective + extra axes)
+    extra_axes: str = "{}"  # JSON of the sweep axes beyond the grid (e.g. {"trl.max_grad_norm": 0.0})
+    replicate: str = ""  # harness.replicate_hash: the config without its seed ("" for runs made before the tag)
+    budget: int | None = None  # param rollout_batches: the budget every run of the cell was given
+    eval_every: int | None = None  # param eval_every (rollout batches between validation evaluations)
+    val_prompts: int | None = None  # param val_prompts: sample size behind each val/reward value
+    git_commit: str = ""  # git.commit tag
+    git_dirty: str = ""  # git.dirty tag ("true" when the job ran from a modified tree)
+    steps_ok: str = ""  # harness.steps_per_rollout_batch_ok ("false": a rollout batch got fewer/more steps)
+    params: str = "{}"  # JSON of the run's params minus PER_RUN_PARAMS: what must agree between seeds
 
     @property
     def usable(self) -> bool:
@@ -46,13 +56,27 @@ class RunInfo:
 
 
 GRID_AXES = ("objective", "batch_ratio", "iterations", "seed")
+# Params that may differ between the seeds of one line: the seed, where a job wrote, how many threads it used,
+# and the path of the (content-addressed) proxy model cache on the machine that ran it.
+PER_RUN_PARAMS = frozenset({"seed", "output_dir", "experiment", "torch_threads", "proxy.path"})
+
+
+def extra_axes(tags: dict[str, str]) -> dict[str, object]:
+    """The sweep axes of a run beyond objective x batch_ratio x iterations x seed (tag harness.axes)."""
+    return {k: v for k, v in sorted(json.loads(tags.get("harness.axes") or "{}").items()) if k not in GRID_AXES}
 
 
 def line_label(tags: dict[str, str]) -> str:
     """The objective, plus the values of any sweep axis beyond the grid (e.g. `cfpo trl.max_grad_norm=0.0`):
     runs that differ in an ablation axis are separate lines, never pooled as if they were seeds."""
-    extra = {k: v for k, v in json.loads(tags.get("harness.axes") or "{}").items() if k not in GRID_AXES}
-    return " ".join([tags["objective"], *(f"{k}={v}" for k, v in sorted(extra.items()))])
+    return " ".join([tags["objective"], *(f"{k}={v}" for k, v in extra_axes(tags).items())])
+
+
+def _int_param(params: dict[str, str], key: str) -> int | None:
+    try:
+        return int(params[key])
+    except (KeyError, ValueError):
+        return None
 
 
 def run_info(run: Run) -> RunInfo | None:
@@ -76,6 +100,16 @@ def run_info(run: Run) -> RunInfo | None:
             mlflow_status=str(run.info.status),
             diverged_at=int(tags["harness.diverged_at"]) if tags.get("harness.diverged_at") else None,
             note=tags.get("harness.diverged_reason") or tags.get("harness.error") or "",
+            base_objective=tags["objective"],
+            extra_axes=json.dumps(extra_axes(tags), sort_keys=True),
+            replicate=tags.get("harness.replicate_hash", ""),
+            budget=_int_param(params, "rollout_batches"),
+            eval_every=_int_param(params, "eval_every"),
+            val_prompts=_int_param(params, "val_prompts"),
+            git_commit=tags.get("git.commit", ""),
+            git_dirty=tags.get("git.dirty", ""),
+            steps_ok=tags.get("harness.steps_per_rollout_batch_ok", ""),
+            params=json.dumps({k: v for k, v in sorted(params.items()) if k not in PER_RUN_PARAMS}),
         )
     except (KeyError, ValueError) as e:
         # Not a job of the harness (or a broken one): say so rather than guess its place in the grid.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -28,10 +29,11 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
             batch_ratio: int, iterations: int, seed: int, metrics: Mapping[str, Curve],
             status: str = "complete", attempt: int = 1, cell: str | None = None,
             parent_run_id: str | None = None, mlflow_status: str | None = None,
-            tags: Mapping[str, str] | None = None) -> str:
+            tags: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None) -> str:
     """One child run of a sweep. MLflow status (unless given): FINISHED for complete/diverged, FAILED for
     failed, RUNNING otherwise; "RUNNING" leaves the run open, as a job that has not ended yet. `tags` adds
-    to (or overrides) the contract's tags, e.g. harness.diverged_at."""
+    to (or overrides) the contract's tags, e.g. harness.diverged_at; `params` adds params (rollout_batches,
+    val_prompts, ...) beside optimizer_steps_per_rollout_batch."""
     run_tags = {
         "harness.study": study, "harness.scale": scale,
         "harness.cell": cell or cell_hash(objective, batch_ratio, iterations, seed),
@@ -43,7 +45,8 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
     run = client.create_run(experiment_id, tags=run_tags | dict(tags or {}),
                             run_name=f"{objective}-b{batch_ratio}-i{iterations}-s{seed}-a{attempt}")
     run_id = run.info.run_id
-    client.log_batch(run_id, params=[Param("optimizer_steps_per_rollout_batch", str(batch_ratio * iterations))])
+    all_params = {"optimizer_steps_per_rollout_batch": str(batch_ratio * iterations), **(params or {})}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in all_params.items()])
     now = int(time.time() * 1000)
     entities = [Metric(key, float(value), now, int(step))
                 for key, curve in metrics.items()
@@ -68,7 +71,7 @@ def sweep_parent(client: MlflowClient, experiment_id: str, study: str, scale: st
 def synthetic_curves(objective: str, batch_ratio: int, iterations: int, seed: int, rollout_batches: int,
                      eval_every: int) -> tuple[dict[str, dict[int, float]], str]:
     """(metrics, status) of one plausible run: GRPO collapses when batch_ratio x iterations >= 8."""
-    rng = np.random.default_rng([seed, batch_ratio, iterations, len(objective)])
+    rng = np.random.default_rng([seed, batch_ratio, iterations, zlib.crc32(objective.encode())])
     k = batch_ratio * iterations
     steps = np.arange(1, rollout_batches * k + 1)
     t = steps / k  # rollout batches
@@ -90,7 +93,9 @@ def synthetic_curves(objective: str, batch_ratio: int, iterations: int, seed: in
         "ratio/abs_dev_mean": np.abs(dev + noise(0.002)),
         "completions/mean_length": 20 + 5 * reward + noise(0.5),
         "grad_norm": np.abs(1 + noise(0.1)) * (1 if collapse_at is None else np.where(t < collapse_at, 1, 50)),
-        "rollout/steps_on_batch": np.full(len(steps), float(k)),
+        "rollout/steps_on_batch": (steps - 1) % k + 1.0,
+        "rollout/batch": np.ceil(t),
+        "rollout/ratio_measured": np.full(len(steps), float(k > 1)),
     }
     metrics["grad_clipped"] = (metrics["grad_norm"] > 1.0).astype(float)
     out = {key: dict(zip(steps.tolist(), np.asarray(v, dtype=float).tolist())) for key, v in metrics.items()}
@@ -116,7 +121,9 @@ def make_study(tracking_uri: str, study: str = "synthetic", scale: str = "proxy"
                 for s in seeds:
                     metrics, status = synthetic_curves(objective, b, i, s, rollout_batches, eval_every)
                     log_run(client, experiment_id, objective=objective, batch_ratio=b, iterations=i, seed=s,
-                            metrics=metrics, status=status, **common)
+                            metrics=metrics, status=status, params={"rollout_batches": str(rollout_batches),
+                                                                    "eval_every": str(eval_every),
+                                                                    "val_prompts": "256"}, **common)
     extra_seed = max(seeds) + 1
     log_run(client, experiment_id, objective=objectives[0], batch_ratio=batch_ratios[0], iterations=iterations[0],
             seed=extra_seed, metrics={"reward": {1: 0.3}}, status="failed", **common)

@@ -44,7 +44,9 @@ def metrics(k: int, val: list[float], *, steps: int | None = None, entropy: dict
         "completions/mean_length": {i: 10.0 for i in s},
         "grad_norm": {i: 1.0 for i in s} | (grad_norm or {}),
         "grad_clipped": {i: float(i == 1) for i in s},
-        "rollout/steps_on_batch": {i: float(k) for i in s},
+        "rollout/steps_on_batch": {i: float((i - 1) % k + 1) for i in s},
+        "rollout/batch": {i: float(-(-i // k)) for i in s},
+        "rollout/ratio_measured": {i: float(k > 1) for i in s},
         "val/reward": {rb * k: v for rb, v in enumerate(val)},
     }
     return {key: v for key, v in m.items() if key not in drop}
@@ -75,6 +77,7 @@ RUNS = [
     ("cfpo", 2, 2, 0, {}, {"val": STABLE}),
     ("cfpo", 2, 2, 1, {}, {"val": STABLE1, "grad_norm": {5: float("inf")}}),
 ]
+PARAMS = {"rollout_batches": str(R), "eval_every": "1", "val_prompts": "100"}  # start 0.2: 2 SE = 0.08
 # (objective, batch_ratio, iterations, seed) -> (step, rollout batch, words in the reason)
 COLLAPSED = {
     ("grpo", 1, 1, 1): (3, 3.0, "diverged"),
@@ -97,7 +100,7 @@ def store(tmp_path_factory) -> dict:
     parent = sweep_parent(client, exp, "s", "proxy")
     for objective, b, it, seed, run_kw, m_kw in RUNS:
         run_id = log_run(client, exp, study="s", scale="proxy", objective=objective, batch_ratio=b, iterations=it,
-                         seed=seed, metrics=metrics(b * it, **m_kw), parent_run_id=parent, **run_kw)
+                         seed=seed, metrics=metrics(b * it, **m_kw), parent_run_id=parent, params=PARAMS, **run_kw)
         ids[(objective, b, it, seed, run_kw.get("attempt", 1))] = run_id
     exp_m = client.create_experiment("m/proxy")
     for seed in (0, 1):
@@ -203,36 +206,44 @@ def test_collapse_flags_exactly_the_collapsed_runs(store, data):
 # ---------------------------------------------------------------------------------------------- tables
 @pytest.fixture(scope="module")
 def table(data):
-    return cell_table(run_summaries(data.long, data.runs), detect_collapse(data.long, data.runs)).set_index(
-        ["batch_ratio", "iterations", "objective"])
+    return cell_table(run_summaries(data.long, data.runs), detect_collapse(data.long, data.runs),
+                      data.excluded).set_index(["batch_ratio", "iterations", "objective"])
 
 
 def test_table_values_equal_known_numbers(table):
     row = table.loc[(2, 2, "grpo")]  # both seeds COLLAPSE: identical, so the interval is a point
     assert row["seeds"] == 2 and row["collapsed_n"] == 2 and row["collapse_rbs"] == [0.5, 2.0]
+    assert (row["collapse_lo"], row["collapse_hi"]) == pytest.approx(stats.binomtest(2, 2).proportion_ci(
+        method="exact"))
     assert row["final_val_mean"] == pytest.approx(0.1) and row["peak_val_mean"] == pytest.approx(0.6)
-    assert row["drop_from_peak_mean"] == pytest.approx(0.5)
+    assert row["drop_from_peak_mean"] == pytest.approx(0.5) and row["gain_val_mean"] == pytest.approx(-0.1)
+    assert row["lastk_val_mean"] == pytest.approx((0.2 + 0.1 + 0.1) / 3)
     assert row["auc_val_mean"] == pytest.approx((0.4 + 0.4 + 0.15 + 0.1) / 4)  # trapezoids / 4 rollout batches
     assert row["final_val_lo"] == pytest.approx(0.1) and row["final_val_hi"] == pytest.approx(0.1)
-    assert row["below_start_rb"] == 3.0 and row["below_start_n"] == 2
+    assert row["fell_n"] == 2 and row["fell_rbs"] == [3.0, 3.0]  # 0.2 -> 0.1 twice: beyond 2 SE (0.08)
 
     row = table.loc[(1, 1, "cfpo")]  # STABLE and STABLE1
     lo, hi = stats.t.interval(0.95, 1, loc=0.65, scale=stats.sem([0.6, 0.7]))
     assert (row["final_val_mean"], row["final_val_lo"], row["final_val_hi"]) == pytest.approx((0.65, lo, hi))
     assert row["auc_val_mean"] == pytest.approx((1.9 / 4 + 1.95 / 4) / 2)
-    assert row["drop_from_peak_mean"] == pytest.approx(0.0) and row["below_start_n"] == 0
-    assert row["max_rollout_kl"] == pytest.approx(0.004) and row["mean_clip_ratio"] == pytest.approx(0.01)
-    assert row["grad_clipped_frac"] == pytest.approx(0.25) and row["steps_on_batch"] == 1
+    assert row["drop_from_peak_mean"] == pytest.approx(0.0) and row["fell_n"] == 0
+    assert row["above_start_rmean"] == 4  # never fell: censored at the budget
+    # on-policy: the ratio is never measured, so ratio statistics are n/a, not 0
+    assert np.isnan(row["mean_rollout_kl"]) and np.isnan(row["mean_clip_ratio"])
+    assert row["grad_clipped_frac"] == pytest.approx(0.25) and row["steps_min"] == row["steps_max"] == 1
 
-    row = table.loc[(1, 1, "grpo")]  # attempt 2 (STABLE) and the diverged seed that stopped at rollout batch 3
-    assert row["final_val_mean"] == pytest.approx(0.6)
-    assert row["auc_val_mean"] == pytest.approx((1.9 / 4 + 1.3 / 3) / 2)
-    assert row["max_rollout_kl"] == pytest.approx((0.004 + 0.003) / 2)
+    row = table.loc[(1, 1, "grpo")]  # attempt 2 (STABLE) and seed 1, diverged at rollout batch 3 near its best
+    assert row["final_val_mean"] == pytest.approx((0.6 + 0.0) / 2)  # diverged: 0 from the divergence on
+    assert row["auc_val_mean"] == pytest.approx((1.9 / 4 + (0.3 + 0.45 + 0.25) / 4) / 2)  # over the full budget
     assert row["run_ids"] == sorted(row["run_ids"]) and len(row["run_ids"]) == 2
+    assert row["excluded_n"] == 1  # seed 2 failed
 
-    row = table.loc[(1, 2, "cfpo")]  # DIP falls below its start at rollout batch 2; STABLE1 never
-    assert row["below_start_rb"] == 2.0 and row["below_start_n"] == 1 and row["collapsed_n"] == 0
-    assert table.loc[(2, 2, "cfpo"), "steps_on_batch"] == 4 and table.loc[(2, 2, "cfpo"), "steps_configured"] == 4
+    row = table.loc[(1, 2, "cfpo")]  # DIP's one evaluation at 0.15 is within 2 SE of its start 0.2: no fall
+    assert row["fell_n"] == 0 and row["collapsed_n"] == 0
+    row = table.loc[(2, 2, "cfpo")]  # rollout_kl = 0.001 x step: per-batch means 0.0025, 0.0065, 0.0105, 0.0145
+    assert row["mean_rollout_kl"] == pytest.approx(0.0085) and row["peak_rollout_kl"] == pytest.approx(0.0145)
+    assert row["mean_clip_ratio"] == pytest.approx(0.04)
+    assert row["steps_min"] == row["steps_max"] == row["steps_configured"] == 4 and not row["steps_flag"]
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -285,7 +296,20 @@ def test_cli_figures_writes_everything(store, tmp_path, capsys):
         if key[0] != "c" and not failed_attempt:
             assert rid in readme, key  # chosen runs and excluded cells, by run id
     assert run_id(store, "grpo", 1, 1, 0, attempt=1) not in readme
-    assert "16 runs (16 read from MLflow, 0 from cache)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "16 runs (16 read from MLflow, 0 from cache)" in out and "on-policy control: FAILED" in out
+    # this synthetic study's on-policy arms differ (STABLE vs STABLE1): the report must say so loudly
+    assert "**CONTROL FAILED**" in readme and "Aggregate verdict (the headline)" in readme
+    paired = pd.read_csv(root / "tables" / "paired.csv")
+    assert {"batch_ratio", "iterations", "objective", "baseline", "measure", "n", "mean_diff", "lo", "hi", "mde",
+            "verdict"} <= set(paired.columns)
+    assert {"final_val", "auc_val", "lastk_val", "gain_val"} == set(paired["measure"])
+    assert set(paired["objective"]) == {"cfpo"} and set(paired["baseline"]) == {"grpo"}
+    row = paired[(paired["batch_ratio"] == 1) & (paired["iterations"] == 1) & (paired["measure"] == "final_val")]
+    assert row["n"].item() == 2 and row["mean_diff"].item() == pytest.approx(((0.6 - 0.6) + (0.7 - 0.0)) / 2)
+    agg = pd.read_csv(root / "tables" / "aggregate.csv")
+    assert set(agg["measure"]) == {"final_val", "auc_val", "lastk_val", "gain_val"} and (agg["strata"] == 3).all()
+    assert (root / "figures" / "verdict.png").exists() and "figures/verdict.png" in readme
 
 
 def test_cli_tables_only_and_errors(store, tmp_path, capsys):
@@ -301,6 +325,45 @@ def test_cli_tables_only_and_errors(store, tmp_path, capsys):
         assert main([*argv, *common]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tables", "s", "--baseline", "ppo"], "--baseline 'ppo' is not an objective of this study; allowed: grpo, cfpo"),
+    (["tables", "m", "--baseline", "grpo"], "the study has one objective (grpo)"),
+    (["figures", "s", "--measure", "peak"], "--measure 'peak' does not exist; allowed: final_val, lastk_val"),
+    (["tables", "s", "--only", "nosuch=1"], "--only nosuch: no run has this param"),
+    (["tables", "s", "--only", "novalue"], "--only expects KEY=VALUE"),
+])
+def test_bad_comparison_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, capsys, argv, message):
+    results = tmp_path / "results"
+    assert main([*argv, "--results-dir", str(results), "--tracking-uri", store["uri"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not results.exists()
+
+
+def test_runs_that_differ_beyond_the_seed_are_refused_not_pooled(tmp_path, capsys):
+    """A non-axis `--set rollout_batches=10` lands in the same experiment: the analysis names the field instead of
+    averaging 10- and 30-batch runs as seeds; --only picks one setting."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("p/proxy")
+    for objective in ("grpo", "cfpo"):
+        for seed, budget in [(0, 4), (1, 4), (2, 10)]:
+            params = {**PARAMS, "rollout_batches": str(budget)}
+            log_run(client, exp, study="p", scale="proxy", objective=objective, batch_ratio=1, iterations=1,
+                    seed=seed, metrics=metrics(1, STABLE), params=params,
+                    tags={"harness.replicate_hash": f"{objective}-{budget}"})
+    common = ["--results-dir", str(tmp_path / "out"), "--tracking-uri", uri]
+    capsys.readouterr()  # MLflow's store set-up chatter
+    assert main(["tables", "p", *common]) == 2
+    err = capsys.readouterr().err
+    assert "runs of cfpo at batch ratio 1 x iterations 1 differ in rollout_batches = 10, 4" in err
+    assert "--only rollout_batches=VALUE" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert main(["tables", "p", *common, "--only", "rollout_batches=4"]) == 0
+    cells = pd.read_csv(tmp_path / "out" / "p" / "proxy" / "tables" / "cells.csv")
+    assert cells["seeds"].tolist() == [2, 2]
 
 
 def test_default_tracking_uri(monkeypatch, tmp_path):

@@ -12,8 +12,8 @@ from analysis.layout import missing_sqlite_file, study_paths
 from analysis.runs import RunInfo, choose_attempts
 from analysis.stats import mean_ci
 from analysis.style import OKABE_ITO, objective_order, objective_styles
-from analysis.summary import val_curve_stats
-from analysis.tables import latex, markdown
+from analysis.formatting import latex, markdown
+from analysis.summary import val_scores
 
 
 def test_mean_ci_is_the_t_interval_and_absent_for_one_seed():
@@ -25,16 +25,49 @@ def test_mean_ci_is_the_t_interval_and_absent_for_one_seed():
     assert out.loc["b", "mean"] == 5.0 and np.isnan(out.loc["b", "lo"]) and np.isnan(out.loc["b", "hi"])
 
 
-def test_val_curve_stats():
+def test_val_scores_of_a_complete_run():
     rb = np.array([0.0, 1.0, 2.0, 4.0])
-    s = val_curve_stats(rb, np.array([0.5, 0.7, 0.4, 0.6]))
+    s = val_scores(rb, np.array([0.5, 0.7, 0.4, 0.6]), budget=4, val_prompts=10_000)
     assert s["start_val"] == 0.5 and s["final_val"] == 0.6 and s["peak_val"] == 0.7
-    assert s["drop_from_peak"] == pytest.approx(0.1)
+    assert s["gain_val"] == pytest.approx(0.1) and s["drop_from_peak"] == pytest.approx(0.1)
+    assert s["lastk_val"] == pytest.approx((0.7 + 0.4 + 0.6) / 3)
     assert s["auc_val"] == pytest.approx((0.6 + 0.55 + 2 * 0.5) / 4)  # uneven spacing is respected
-    assert s["below_start_rb"] == 2.0
-    assert np.isnan(val_curve_stats(rb, np.array([0.5, 0.5, 0.6, 0.5]))["below_start_rb"])  # equal is not below
-    assert val_curve_stats(np.array([0.0]), np.array([0.3]))["auc_val"] == 0.3
-    assert np.isnan(val_curve_stats(np.array([]), np.array([]))["final_val"])
+    assert np.isnan(s["fell_rb"]) and s["above_start_rb"] == 4  # one evaluation below start is not a fall
+    assert val_scores(np.array([0.0]), np.array([0.3]), budget=0)["auc_val"] == 0.3
+    assert np.isnan(val_scores(np.array([]), np.array([]))["final_val"])
+
+
+def test_peak_excludes_the_start():
+    s = val_scores(np.array([0.0, 1.0, 2.0]), np.array([0.9, 0.3, 0.4]), budget=2)
+    assert s["peak_val"] == 0.4 and s["drop_from_peak"] == pytest.approx(0.0)
+
+
+def test_fell_below_start_needs_two_evaluations_beyond_twice_the_binomial_se():
+    rb = np.arange(6.0)
+    se = np.sqrt(0.5 * 0.5 / 256)  # 0.03125
+    just_inside = 0.5 - 1.9 * se
+    s = val_scores(rb, np.array([0.5, just_inside, just_inside, 0.5, 0.5, 0.5]), budget=5, val_prompts=256)
+    assert np.isnan(s["fell_rb"]) and s["above_start_rb"] == 5  # never fell: censored at the budget
+    out = 0.5 - 2.1 * se
+    s = val_scores(rb, np.array([0.5, out, 0.5, out, out, 0.5]), budget=5, val_prompts=256)
+    assert s["fell_rb"] == 3.0 and s["above_start_rb"] == 3.0  # the single dip at rb 1 does not count
+
+
+def test_diverged_run_is_scored_zero_from_the_divergence_over_the_full_budget():
+    """A run that blew up at rollout batch 8 while near its best scores below a complete run that drifted down."""
+    rb = np.arange(0.0, 31.0, 5.0)
+    complete = val_scores(rb, np.array([0.3, 0.32, 0.3, 0.28, 0.27, 0.26, 0.25]), budget=30, eval_every=5)
+    early = np.array([0.0, 5.0])  # evaluated at 0 and 5, diverged at rollout batch 8 near its best
+    diverged = val_scores(early, np.array([0.3, 0.6]), budget=30, diverged_rb=8.0, eval_every=5)
+    assert diverged["final_val"] == 0.0 and diverged["lastk_val"] == 0.0
+    # curve: 0.3 -> 0.6 over [0, 5], 0.6 -> 0 over [5, 8], then 0 to 30
+    assert diverged["auc_val"] == pytest.approx((0.45 * 5 + 0.3 * 3) / 30)
+    for m in ("final_val", "lastk_val", "auc_val", "gain_val"):
+        assert diverged[m] < complete[m]
+    assert diverged["peak_val"] == 0.6 and diverged["fell_rb"] == 10.0
+    # an evaluation at or after the divergence step (a diverged policy) is not a measurement
+    late = val_scores(np.array([0.0, 5.0, 8.0]), np.array([0.3, 0.6, 0.9]), budget=30, diverged_rb=8.0, eval_every=5)
+    assert late == pytest.approx(diverged, nan_ok=True)
 
 
 def test_val_rule_needs_drop_and_no_recovery():
@@ -53,10 +86,19 @@ def test_entropy_rules_need_patience():
     curve = lambda v: {"entropy": pd.DataFrame({"step": np.arange(1, len(v) + 1), "value": v})}  # noqa: E731
     rules = CollapseRules(entropy_patience=2)
     assert not judge_run(curve([0.5, 1.1, 0.5, 0.04, 0.5]), "complete", 1, rules).collapsed
-    v = judge_run(curve([0.5, 1.1, 1.2, 0.5]), "complete", 2, rules)
-    assert (v.collapsed, v.step, v.rollout_batch) == (True, 2.0, 1.0) and v.reason.startswith("entropy >")
+    v = judge_run(curve([0.5, 0.5, 1.2, 1.2, 1.3, 1.3]), "complete", 2, rules)
+    assert (v.collapsed, v.step, v.rollout_batch) == (True, 3.0, 1.5) and v.reason.startswith("entropy >")
     v = judge_run(curve([0.5, 0.04, 0.03]), "complete", 1, rules)
     assert v.collapsed and v.reason.startswith("entropy <")
+
+
+def test_entropy_is_judged_per_rollout_batch_not_per_optimizer_step():
+    """Patience counts rollout batches: 3 low steps are 3 batches at 1 step per batch but a fraction of one at
+    8 steps per batch, where the batch mean stays healthy."""
+    curve = lambda v: {"entropy": pd.DataFrame({"step": np.arange(1, len(v) + 1), "value": v})}  # noqa: E731
+    low = [0.5] * 8 + [0.01, 0.01, 0.01] + [0.5] * 13
+    assert judge_run(curve(low), "complete", 1, CollapseRules()).collapsed
+    assert not judge_run(curve(low), "complete", 8, CollapseRules()).collapsed
 
 
 def test_rules_can_be_switched_off_and_validate():

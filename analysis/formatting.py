@@ -1,0 +1,160 @@
+"""The tables as people read them: formatted frames, Markdown and LaTeX (booktabs), and the files they go to.
+
+- val_reward: validation scores per cell and line, mean [95% t-interval] over seeds;
+- stability: collapse k/n with its exact interval, falls below start, ratio statistics, steps per batch;
+- paired: each objective minus the baseline, per cell and measure (analysis.paired);
+- aggregate: the verdict over the off-policy cells (analysis.paired.aggregate).
+Numbers for scripts: cells.csv, paired.csv, aggregate.csv (all columns, unformatted).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.paired import MEASURE_LABELS
+from analysis.tables import csv_frame
+
+
+def num(x: float, fmt: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def interval(mean: float, lo: float, hi: float, fmt: str = ".3f", sign: str = "") -> str:
+    if mean is None or np.isnan(mean):
+        return "n/a"
+    if np.isnan(lo):  # one seed: no interval
+        return format(mean, sign + fmt)
+    return f"{mean:{sign}{fmt}} [{lo:{sign}{fmt}}, {hi:{sign}{fmt}}]"
+
+
+def _rbs(xs: list[float]) -> str:
+    return ", ".join(f"{x:g}" for x in xs)
+
+
+def _grid_columns(t: pd.DataFrame) -> pd.DataFrame:
+    seeds = [f"{s}" + (f" ({e} excluded)" if e else "") for s, e in zip(t["seeds"], t["excluded_n"])]
+    return pd.DataFrame({"batch ratio": t["batch_ratio"], "iterations": t["iterations"],
+                         "objective": t["objective"], "seeds": seeds})
+
+
+def val_table(t: pd.DataFrame) -> pd.DataFrame:
+    """Validation scores, mean [95% t-interval] over seeds; fell below start as k/n with the rollout batches."""
+    out = _grid_columns(t)
+    for col, name in [("final_val", "final val"), ("lastk_val", "last 3 evals"), ("auc_val", "AUC val"),
+                      ("gain_val", "gain over start"), ("peak_val", "peak (after start)")]:
+        out[name] = [interval(r[f"{col}_mean"], r[f"{col}_lo"], r[f"{col}_hi"], sign="+" if col == "gain_val"
+                              else "") for _, r in t.iterrows()]
+    out["fell below start"] = [f"{r['fell_n']}/{r['seeds']}" + (f" at rb {_rbs(r['fell_rbs'])}" if r["fell_n"]
+                                                                else "") for _, r in t.iterrows()]
+    out["rb at/above start"] = [f"{r['above_start_rmean']:.1f} of {r['budget']:.0f}" if pd.notna(r["budget"])
+                                else num(r["above_start_rmean"], ".1f") for _, r in t.iterrows()]
+    return out
+
+
+def stability_table(t: pd.DataFrame) -> pd.DataFrame:
+    """Collapse counts with exact intervals and the stability diagnostics (means over seeds)."""
+    out = _grid_columns(t)
+    out["collapsed"] = [f"{r['collapsed_n']}/{r['seeds']} [{r['collapse_lo']:.2f}, {r['collapse_hi']:.2f}]"
+                        + (f" at rb {_rbs(r['collapse_rbs'])}" if r["collapse_rbs"] else "")
+                        for _, r in t.iterrows()]
+    out["mean rollout KL"] = [num(x, ".3g") for x in t["mean_rollout_kl"]]
+    out["peak rollout KL"] = [num(x, ".3g") for x in t["peak_rollout_kl"]]
+    out["clip ratio"] = [num(x, ".4f") for x in t["mean_clip_ratio"]]
+    out["mean |r-1|"] = [num(x, ".4f") for x in t["mean_ratio_abs_dev"]]
+    out["grad clipped"] = [num(x, ".1%") for x in t["grad_clipped_frac"]]
+    out["steps/batch (min-max/cfg)"] = [
+        f"{num(lo, '.0f')}-{num(hi, '.0f')}/{c:.0f}" + (" (runs flagged!)" if flag else "")
+        for lo, hi, c, flag in zip(t["steps_min"], t["steps_max"], t["steps_configured"], t["steps_flag"])]
+    return out
+
+
+def paired_display(p: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """One row per (cell, objective, measure): the paired difference, its interval, effect size, MDE, verdict."""
+    out = pd.DataFrame({"batch ratio": p["batch_ratio"], "iterations": p["iterations"], **{a: p[a] for a in axes},
+                        "comparison": p["objective"] + " - " + p["baseline"],
+                        "measure": p["measure"].map(MEASURE_LABELS)})
+    out["pairs"] = [f"{n}" + (f" ({u} unpaired)" if u else "") for n, u in zip(p["n"], p["unpaired"])]
+    out["mean diff [95% CI]"] = [interval(m, lo, hi, ".3f", "+") for m, lo, hi in zip(p["mean_diff"], p["lo"], p["hi"])]
+    out["d_z"] = [num(x, "+.2f") for x in p["effect"]]
+    out["MDE (80%)"] = [num(x, ".3f") for x in p["mde"]]
+    out["verdict"] = [f"no difference > {m:.3f}" if v == "no detectable difference" else v
+                      for v, m in zip(p["verdict"], p["mde"])]
+    return out
+
+
+def aggregate_display(a: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "comparison": a["objective"] + " - " + a["baseline"], **{x: a[x] for x in axes},
+        "measure": a["measure"].map(MEASURE_LABELS), "cells": a["strata"], "pairs": a["pairs"],
+        "IQM diff [95% CI]": [interval(m, lo, hi, ".3f", "+") for m, lo, hi in zip(a["iqm"], a["iqm_lo"],
+                                                                                     a["iqm_hi"])],
+        "P(improvement) [95% CI]": [interval(m, lo, hi, ".2f") for m, lo, hi in zip(a["p_improve"],
+                                                                                   a["p_improve_lo"],
+                                                                                   a["p_improve_hi"])],
+    })
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """GitHub table of a frame of strings (pandas' to_markdown needs tabulate and does not escape `|`)."""
+    def cell(x: object) -> str:
+        return str(x).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
+             "|" + "|".join("---" for _ in df.columns) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def latex(df: pd.DataFrame, caption: str, label: str) -> str:
+    """booktabs tabular (\\toprule/\\midrule/\\bottomrule) with LaTeX-escaped cells and headers."""
+    styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    numeric = sum(1 for c in df.columns[:2] if c in ("batch ratio", "iterations"))
+    return styler.to_latex(hrules=True, caption=caption, label=label, position="htbp",
+                           column_format="r" * numeric + "l" * (df.shape[1] - numeric), position_float="centering")
+
+
+def _tex(text: str) -> str:
+    """Escape the characters a study name may plausibly contain (captions are not escaped by the Styler)."""
+    for ch in "\\&%$#_{}":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+CAPTIONS = {
+    "val_reward": "validation reward per cell and objective, mean [95\\% t-interval] over seeds, scored over the "
+                  "full budget (a diverged run counts 0 from its divergence on); fell below start: seeds whose "
+                  "reward fell more than 2 binomial SE below the start on two consecutive evaluations",
+    "stability": "stability per cell and objective: collapsed seeds k/n [Clopper-Pearson 95\\%] and the rollout "
+                 "batch (rb) of each collapse; ratio statistics averaged over rollout batches where the ratio "
+                 "was measured",
+    "paired": "paired per-seed differences, objective minus baseline: mean [95\\% t-interval], d\\_z, and the "
+              "minimum detectable difference at 80\\% power",
+    "aggregate": "aggregate over the off-policy cells: interquartile mean of paired differences and probability "
+                 "of improvement, stratified bootstrap 95\\% intervals",
+}
+
+
+def write_tables(t: pd.DataFrame, paired_rows: pd.DataFrame, agg: pd.DataFrame, axes: list[str],
+                 folder: str | Path, study: str, scale: str) -> dict[str, Path]:
+    """tables/{val_reward,stability,paired,aggregate}.{md,tex} and cells.csv, paired.csv, aggregate.csv."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    frames = {"val_reward": val_table(t), "stability": stability_table(t),
+              "paired": paired_display(paired_rows, axes), "aggregate": aggregate_display(agg, axes)}
+    for name, frame in frames.items():
+        caption = f"{_tex(study)} ({_tex(scale)}): {CAPTIONS[name]}."
+        for ext, text in (("md", markdown(frame)), ("tex", latex(frame, caption, f"tab:{study}-{scale}-{name}"))):
+            written[f"{name}.{ext}"] = folder / f"{name}.{ext}"
+            written[f"{name}.{ext}"].write_text(text)
+    csvs = {"cells.csv": csv_frame(t),
+            "paired.csv": paired_rows.assign(diffs=paired_rows["diffs"].map(lambda d: " ".join(f"{x:.6g}" for x in d)),
+                                             seeds=paired_rows["seeds"].map(lambda s: " ".join(map(str, s)))),
+            "aggregate.csv": agg}
+    for name, frame in csvs.items():
+        frame.to_csv(folder / name, index=False, float_format="%.6g")
+        written[name] = folder / name
+    return written
