@@ -128,4 +128,8 @@ def test_non_finite_loss_stops_cleanly_as_diverged(harness_env, tmp_path):
     assert "loss = nan" in run.data.tags["harness.diverged_reason"]
     losses = history(client, result["run_id"], "loss")
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses[:4]) and math.isnan(losses[4])
+    # step 5 is an evaluation step (eval_every=1): the diverged policy is still not evaluated, so the outcome
+    # does not depend on where the divergence falls; the analysis scores it 0 from step 5 on
+    val_steps = [m.step for m in client.get_metric_history(result["run_id"], "val/reward")]
+    assert val_steps == [0, 1, 2, 3, 4]
     assert json.loads((tmp_path / "nan" / "result.json").read_text())["status"] == "diverged"
