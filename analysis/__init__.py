@@ -7,14 +7,17 @@
 | `metrics` | the metric keys the analysis reads, with axis labels and file names |
 | `runs` | run metadata from MLflow tags/params; choice of one attempt per cell |
 | `cache` | per-run parquet cache of finished runs |
+| `pooling` | no silent pooling: runs of one line must be replicates (`--only` selects); code versions |
 | `load` | MLflow (or the cache) -> `StudyData`, the long table |
 | `collapse` | configurable collapse rules and their per-run verdicts |
-| `stats` | mean and t-interval over seeds (scipy.stats) |
-| `summary` | per-run scalar summaries of the curves (final, peak, AUC, ...) |
+| `stats` | t-intervals, paired differences, power (MDE), Clopper-Pearson, stratified bootstrap (scipy.stats) |
+| `summary` | per-run scores over the full budget (final, last-k, AUC, gain, falls below start, ratio stats) |
+| `paired` | objective minus baseline per seed and cell, the aggregate verdict, the on-policy control |
 | `style` | colorblind-safe colours and line styles per objective |
-| `figures` | curve grids and the stable-regime map |
-| `tables` | per-cell table, Markdown and LaTeX |
-| `report` | `README.md` of a study |
+| `figures` | curve grids, the stable-regime map, the aggregate verdict |
+| `tables` | per (cell, line) numbers over seeds |
+| `formatting` | the tables as Markdown, LaTeX and CSV |
+| `report` | `README.md` of a study: method, control, verdict, tables, figures, run ids |
 | `pipeline` | load -> figures/tables/report, as the CLI runs it |
 | `synthetic` | synthetic MLflow studies with known curves (tests, benchmark) |
 | `bench` | warm-cache vs cold-store regeneration timing |
