@@ -204,7 +204,7 @@ def writable_file(where: str, path: str | Path) -> None:
     p = Path(path).expanduser().absolute()
     if p.is_dir():
         raise ConfigError(f"{where} {path}: is a folder; allowed: a file path")
-    writable_dir(where, p.parent)
+    writable_dir(f"{where} {path}: folder", p.parent)
 
 
 # ------------------------------------------------------------------------------------------ command lines
