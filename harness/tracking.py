@@ -62,11 +62,18 @@ def client() -> MlflowClient:
     uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
-    # Two processes creating a fresh sqlite store at once race in its schema migration: serialise them.
+    # Two processes creating a fresh sqlite store at once race in its schema migration: serialise them. A process
+    # killed mid-migration would leave a half-built store that no later process can open: build it aside, then
+    # rename it into place (atomic), so the store is either absent or complete.
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if not db.exists():
+            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
+            fresh.unlink(missing_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
+            os.replace(fresh, db)
         c = MlflowClient(tracking_uri=uri)
         c.search_experiments(max_results=1)  # creates and migrates the schema on first use
     return c

@@ -5,8 +5,10 @@
     python -m harness status grpo-vs-cfpo                             # table of cells from the ledger
 
 Modules: `spec` (spec file, validation, cells), `ledger` (cell states in Optuna storage), `worker` (pulls cells
-and runs `python -m harness train`), `driver` (one `sweep` invocation: validate, enqueue, launch, watch),
-`runs` (the sweep's MLflow parent run, stale runs), `display` (live progress, status table), `cli`.
+and runs `python -m harness train`), `adopt` (what an attempt came to: its result file, else its MLflow run, so
+a finished job is never run twice), `watchdog` (cell time limit and stall limit), `claim` (the one-driver lock,
+in the ledger's storage), `driver` (one `sweep` invocation: validate, enqueue, launch, watch), `runs` (the
+sweep's MLflow parent run; MLflow brought in line with the ledger), `display` (live progress, status table), `cli`.
 GPU packing and the job's command line (`accelerate launch` for multi-GPU cells) are in `harness.launch`;
 several machines and GPUs: docs/SCALE_OUT.md.
 """

@@ -43,6 +43,18 @@ class Verdict:
     source: str = ""          # "file" or "mlflow"
     run_id: str | None = None  # the attempt's MLflow run, when one was found
     why: str = ""             # for unknown: what could not be asked
+    where: tuple[Path, str, int] | None = None  # (sweep_dir, cell, attempt) it was found for
+
+    def publish(self) -> None:
+        """Make this adopted result the cell's result.json (atomically: a kill leaves the old or the new)."""
+        if self.kind != "result" or self.where is None:
+            return
+        sweep_dir, cell, attempt = self.where
+        dest = cell_result_path(sweep_dir, cell)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".result.json.{os.getpid()}")
+        tmp.write_text(json.dumps({**self.result, "attempt": attempt}, indent=1))
+        os.replace(tmp, dest)
 
     def outcome(self, **base: Any) -> dict[str, Any]:
         """The ledger outcome of an adopted result (the worker's COMPLETE outcome, same fields)."""
@@ -62,9 +74,10 @@ def read_result(path: Path) -> dict[str, Any]:
 
 
 def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
+    where = (sweep_dir, cell, attempt)
     result = read_result(result_path(sweep_dir, cell, attempt))
     if result.get("status") in USABLE:
-        return Verdict("result", result, "file", result.get("run_id"))
+        return Verdict("result", result, "file", result.get("run_id"), where=where)
     from harness import tracking
 
     down = tracking.unreachable()
@@ -83,7 +96,8 @@ def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
         tracking.client().set_terminated(run.info.run_id, "FINISHED")
     final = {k: v for k, v in run.data.metrics.items()}
     return Verdict("result", {"status": status, "run_id": run.info.run_id, "final": final,
-                              "config_hash": run.data.tags.get("harness.config_hash")}, "mlflow", run.info.run_id)
+                              "config_hash": run.data.tags.get("harness.config_hash")}, "mlflow", run.info.run_id,
+                   where=where)
 
 
 def attempt_run(client: Any, experiment: str, cell: str, attempt: int) -> Any | None:
@@ -95,15 +109,6 @@ def attempt_run(client: Any, experiment: str, cell: str, attempt: int) -> Any | 
         f"tags.`harness.cell` = '{cell}' and tags.`harness.attempt` = '{attempt}'"), max_results=10,
         order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
-
-
-def publish(sweep_dir: Path, cell: str, verdict: Verdict, attempt: int) -> None:
-    """Make the adopted attempt's result the cell's result.json (atomically: a kill leaves old or new)."""
-    dest = cell_result_path(sweep_dir, cell)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".result.json.{os.getpid()}")
-    tmp.write_text(json.dumps({**verdict.result, "attempt": attempt}, indent=1))
-    os.replace(tmp, dest)
 
 
 def close_run(run_id: str | None, experiment: str, cell: str, attempt: int, status: str, reason: str) -> None:

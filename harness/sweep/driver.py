@@ -91,8 +91,8 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     if down:
         raise SweepError(f"{down}; start it, or point MLFLOW_TRACKING_URI at one that answers")
     # ---- nothing above this line writes anything
+    claim = _claim(storage_url, plan)  # first: a refused driver writes nothing (but the claim's lock file)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    claim = _claim(storage_url, plan)
     ledger = Ledger(open_storage(storage_url), plan.experiment, create=True)
     ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
     ledger.set_attr(STALE_AFTER, opts.stale_after)
@@ -136,6 +136,8 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
                     ledger.reap(find)  # workers on other machines can die too; their attempts are settled here
                     _beat(ledger, parent)
                     last_beat = time.time()
+                if not ledger.settled():
+                    workers.replace_killed()
                 if workers.finished() and (opts.workers > 0 or ledger.settled()):
                     break
                 time.sleep(0.5)
@@ -235,6 +237,8 @@ class _Launcher:
         self.plan, self.opts, self.storage, self.results, self.sweep_dir = plan, opts, storage, results, sweep_dir
         self.gpus = gpus
         self.procs: list[subprocess.Popen] = []
+        self.names: list[str] = []
+        self.slots: list[tuple[str, ...]] = []
         self.jobs: list[Any] = []
 
     def worker_options(self, name: str, gpus: tuple[str, ...] | None = None) -> WorkerOptions:
@@ -254,8 +258,10 @@ class _Launcher:
             console().print(f"warning: {self.opts.workers} workers share {len(slots)} slot(s) of "
                             f"{self.plan.gpus_per_job} GPU(s) round-robin", soft_wrap=True)
         for i in range(self.opts.workers):
-            gpus = tuple(slots[i % len(slots)]) if slots else ()
-            self.procs.append(spawn_worker(self.plan.spec_path.resolve(), self.worker_options(f"{HOST}-w{i}", gpus)))
+            self.names.append(f"{HOST}-w{i}")
+            self.slots.append(tuple(slots[i % len(slots)]) if slots else ())
+            self.procs.append(spawn_worker(self.plan.spec_path.resolve(), self.worker_options(self.names[i],
+                                                                                              self.slots[i])))
 
     def _start_submitit(self) -> None:
         import submitit
@@ -270,6 +276,16 @@ class _Launcher:
         executor.update_parameters(**params)
         names = [f"{executor.cluster}-w{i}" for i in range(self.opts.workers)]
         self.jobs = executor.map_array(run_worker, [self.worker_options(n) for n in names])
+
+    def replace_killed(self) -> None:
+        """A local worker killed by a signal (OOM killer, a stray kill -9) is replaced while work is left; its
+        attempt is settled by the reaper (adopted if its job had finished)."""
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None and p.returncode < 0:
+                console().print(f"worker {self.names[i]} (pid {p.pid}) was killed by "
+                                f"{signal.Signals(-p.returncode).name}; starting another", soft_wrap=True)
+                self.procs[i] = spawn_worker(self.plan.spec_path.resolve(), self.worker_options(self.names[i],
+                                                                                                self.slots[i]))
 
     def finished(self) -> bool:
         return all(p.poll() is not None for p in self.procs) and all(j.done() for j in self.jobs)

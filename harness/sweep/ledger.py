@@ -291,6 +291,7 @@ class Ledger:
                 outcome = verdict.outcome(duration_s=round(now - owner.get("started", now), 1),
                                           note=f"adopted: {gone} after its job finished")
                 if self.settle(t._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"]):
+                    verdict.publish()
                     log.warning("cell %s attempt %s: %s; its job had finished (%s): adopted", t.user_attrs[CELL],
                                 t.user_attrs.get(ATTEMPT), gone, outcome["state"])
                     reaped.append(t)

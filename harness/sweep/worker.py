@@ -268,7 +268,7 @@ class Worker:
             outcome = verdict.outcome(**base)
             settled = self.ledger.settle(trial._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"])
             if settled:
-                adopt.publish(self.opts.sweep_dir, cell, verdict, attempt)
+                verdict.publish()
             elif self.ledger.storage.get_trial(trial._trial_id).state != TrialState.COMPLETE:
                 adopt.supersede(verdict.run_id, f"attempt {attempt} was failed by another process")
         else:
