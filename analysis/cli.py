@@ -70,6 +70,9 @@ def _regenerate(args: argparse.Namespace, figures: bool) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from analysis.bench import benchmark
 
+    if args.repeats < 1:
+        raise AnalysisError(f"--repeats {args.repeats}: allowed: an integer >= 1")
+
     result = benchmark(args.name, args.scale, tracking_uri=args.tracking_uri, results_dir=args.results_dir,
                        repeats=args.repeats)
     print(result.describe())

@@ -63,6 +63,10 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
     rules = rules or CollapseRules()
     measures = check_measures(measures)
     paths = study_paths(results_dir, study, scale, cache_dir)
+    for flag, folder in (("--results-dir", Path(results_dir)), ("--cache-dir", paths.cache)):
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise AnalysisError(f"{flag} {folder}: {existing} is a file; allowed: a folder (created if missing)")
     uri = tracking_uri or default_tracking_uri(results_dir)
     clock, seconds = time.perf_counter(), {}
 

@@ -39,6 +39,9 @@ TRL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta": (_finite_at_least(0), "a finite number >= 0 (a negative KL coefficient rewards drifting away)"),
     # GRPO's clip half-width and CFPO's penalty scale |A|/(2 eps): negative inverts the clip region and the penalty.
     "epsilon": (_finite_at_least(0, strict=True), "a finite number > 0 (the clip half-width; negative inverts it)"),
+    # Upper clip half-width (DAPO's clip-higher), also CFPO's penalty scale where A > 0: same reasons as epsilon.
+    "epsilon_high": (lambda v: v is None or _finite_at_least(0, strict=True)(v),
+                     "a finite number > 0 (the upper clip half-width; negative inverts it)"),
     # transformers skips its top-p filter when top_p >= 1 and keeps one token at 0: neither is checked.
     "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "0 < top_p <= 1"),
     # AdamW checks only its default weight decay; the Trainer passes weight_decay per parameter group, unchecked.

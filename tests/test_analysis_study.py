@@ -333,6 +333,7 @@ def test_cli_tables_only_and_errors(store, tmp_path, capsys):
     (["figures", "s", "--measure", "peak"], "--measure 'peak' does not exist; allowed: final_val, lastk_val"),
     (["tables", "s", "--only", "nosuch=1"], "--only nosuch: no run has this param"),
     (["tables", "s", "--only", "novalue"], "--only expects KEY=VALUE"),
+    (["tables", "s", "--cache-dir", "/etc/hostname/cache"], "/etc/hostname is a file; allowed: a folder"),
 ])
 def test_bad_comparison_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, capsys, argv, message):
     results = tmp_path / "results"
