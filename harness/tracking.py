@@ -12,10 +12,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+# mlflow itself is imported where it is used: sweep workers read the store's location and health from here on
+# every start, and importing mlflow costs seconds of a start-up that a killed worker pays again.
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_ENV = "HARNESS_PROGRESS_FILE"  # set by a sweep worker: touched whenever a metric is stored
@@ -59,6 +61,8 @@ def unreachable(uri: str | None = None, timeout_s: float = 5.0) -> str | None:
 
 
 def client() -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
@@ -142,15 +146,21 @@ class RunLogger:
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
     def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         ts = _now_ms()
+        from mlflow.entities import Metric
+
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])

@@ -1,12 +1,14 @@
 """Sweep ledger and workers, with a stand-in job (a tiny real subprocess) instead of training.
 
 The stand-in takes the train command's arguments, notes start/done in a shared log and writes result.json; it
-can hang, fail, or create an MLflow run like the real job. The driver, the workers and the ledger are real.
+can hang, fail, linger after its result (as a job in interpreter shutdown), or create an MLflow run like the
+real job (status tag, then FINISHED, then the result file). The driver, the workers and the ledger are real.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -52,15 +54,22 @@ if os.environ.get("FAKE_MLFLOW"):
     run_id = c.create_run(exp, tags={**tags, "mlflow.parentRunId": parent, "harness.status": "running"}).info.run_id
     note("run", run_id)
 if os.environ.get("FAKE_HANG") == cell and attempt == 1:
-    time.sleep(300)
+    for _ in range(1000):  # hung, though alive; with FAKE_TOUCH it still "logs metrics" (touches its progress file)
+        if os.environ.get("FAKE_TOUCH"):
+            open(os.environ["HARNESS_PROGRESS_FILE"], "a").close()
+        time.sleep(0.3)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0.2")))
 if cell in os.environ.get("FAKE_FAIL", "").split(","):
     print("boom: a fake failure")
     sys.exit(1)
 if os.environ.get("FAKE_MLFLOW"):
+    c.set_tag(run_id, "harness.status", "complete")
     c.set_terminated(run_id, "FINISHED")
 json.dump({"status": "complete", "run_id": run_id, "final": {"val/reward": 0.5}}, open(result, "w"))
 note("done")
+if os.environ.get("FAKE_LINGER") == cell:  # a slow interpreter shutdown: the window a kill must not waste
+    note("linger")
+    time.sleep(300)
 '''
 SPEC = {
     "base": {"model": "proxy", "task": "chain-sum", "generation_batch_size": 16, "val_prompts": 8,
@@ -292,6 +301,118 @@ def test_slurm_launcher_with_submitit_local_executor(tmp_path, uri):
     assert list((s.results / "slurm" / "proxy" / "submitit").glob("*_0_log.out"))
 
 
+def _runs_by_cell(uri: str, experiment: str) -> dict[str, list]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    out: dict[str, list] = {}
+    for r in client.search_runs([exp]):
+        if "harness.cell" in r.data.tags:
+            out.setdefault(r.data.tags["harness.cell"], []).append(r)
+    return out
+
+
+@pytest.mark.parametrize("victim", ["worker", "job", "driver"])
+def test_job_killed_after_its_result_is_adopted_not_rerun(tmp_path, uri, victim):
+    """The kill lands after the job ended its MLflow run and wrote its result, while it lingers (interpreter
+    shutdown): the attempt is the cell's result, whoever settles it (the reaper, the worker, a new driver)."""
+    s = Sweep(tmp_path, uri, f"adopt-{victim}")
+    slow = s.cells[0]
+    driver = s.start("--workers", "2", FAKE_LINGER=slow, FAKE_MLFLOW="1")
+    try:
+        _, _, job_pid, worker_pid = s.wait_for("linger", slow, timeout=120)
+    except AssertionError:
+        driver.kill()
+        raise AssertionError(driver.communicate()[0]) from None
+    os.kill({"worker": int(worker_pid), "job": int(job_pid), "driver": driver.pid}[victim], signal.SIGKILL)
+    out, _ = driver.communicate(timeout=120)
+    rc = driver.returncode
+    if victim == "driver":
+        rc, out = s.run("--workers", "2", FAKE_MLFLOW="1")  # the same command again
+    assert rc == 0, out
+    assert s.done_counts() == {h: 1 for h in s.cells}
+    assert [e[0] for e in s.events("start")].count(slow) == 1  # never started again
+    assert s.states()[slow] == ("complete", 1)
+    trials = [t for t in s.ledger().trials() if t.user_attrs["harness.cell"] == slow]
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    runs = _runs_by_cell(s.uri, f"adopt-{victim}/proxy")
+    assert sorted(runs) == sorted(s.cells)
+    for h, rs in runs.items():
+        assert [(r.info.status, r.data.tags["harness.status"]) for r in rs] == [("FINISHED", "complete")], h
+    cell_dir = s.results / f"adopt-{victim}" / "proxy" / "jobs" / slow
+    assert json.loads((cell_dir / "result.json").read_text())["attempt"] == 1
+    assert (cell_dir / "attempt-1.result.json").is_file()
+
+
+@pytest.mark.parametrize("limit", ["stall", "cell"])
+def test_hung_job_is_stopped_recorded_as_timeout_and_retried(tmp_path, uri, limit):
+    """A job alive but hung: silent (no metric) past the stall limit, or busy past the cell time limit."""
+    s = Sweep(tmp_path, uri, f"hang-{limit}")
+    hang = s.cells[0]
+    flags = ["--stall-timeout-min", "0.1"] if limit == "stall" else ["--cell-timeout-min", "0.15"]
+    rc, out = s.run("--workers", "2", *flags, FAKE_HANG=hang, **({"FAKE_TOUCH": "1"} if limit == "cell" else {}))
+    assert rc == 0, out
+    assert s.done_counts() == {h: 1 for h in s.cells}
+    trials = [t for t in s.ledger().trials() if t.user_attrs["harness.cell"] == hang]
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    outcome = trials[0].user_attrs["harness.outcome"]
+    why = "no new metric for" if limit == "stall" else "ran past the cell time limit of 9 s"
+    assert outcome["state"] == "timeout" and why in outcome["error"], outcome
+    assert re.search(rf"timeout {hang} attempt 1 .*{why}", out), out
+    _, _, job_pid, _ = s.events("start")[[e[0] for e in s.events("start")].index(hang)]
+    assert not pid_alive(int(job_pid), None)
+
+
+def test_limits_and_storage_are_checked_before_anything_is_written(tmp_path, uri, capsys):
+    s = Sweep(tmp_path, uri, "limits")
+    assert make_plan(*load_spec(str(s.spec)), "proxy").cell_timeout_s == 6 * 3600  # the proxy scale's default
+    assert make_plan(*load_spec(str(s.spec)), "paper").stall_timeout_s == 2 * 3600
+    for args, line in ((["--stall-timeout-min", "-1"], "--stall-timeout-min -1.0: must be a positive number"),
+                       (["--cell-timeout-min", "0"], "--cell-timeout-min 0.0: must be a positive number"),
+                       (["--storage", "mysql://x/y"], "--storage mysql://x/y: allowed: a journal file path or "
+                                                      "postgresql://")):
+        rc, _ = s.run("--workers", "1", *args)
+        err = capsys.readouterr().err
+        assert rc == 2 and line in err and len(err.strip().splitlines()) == 1, err
+    spec = yaml.safe_load(s.spec.read_text())
+    spec["scales"]["proxy"]["cell_timeout_min"] = -5
+    s.spec.write_text(yaml.safe_dump(spec))
+    rc, _ = s.run("--workers", "1")
+    err = capsys.readouterr().err
+    assert rc == 2 and "scales.proxy.cell_timeout_min: Input should be greater than 0" in err, err
+    assert not s.results.exists()
+
+
+def test_a_second_driver_on_the_ledger_is_refused_on_any_machine(tmp_path, uri):
+    """Two drivers on one ledger (here: as two machines, own host names and results folders, one journal):
+    the second is refused before it enqueues or reaps anything; the claim dies with its holder."""
+    s = Sweep(tmp_path, uri, "drivers")
+    shared = str(tmp_path / "shared" / "ledger.journal")
+    hang = s.cells[0]
+
+    def driver(machine: str, **env: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(s.spec), "--scale", "proxy",
+                                 "--workers", "1", "--storage", shared, "--results-dir", str(tmp_path / machine)],
+                                env={**s.env, "HARNESS_HOST": machine, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    first = driver("m1", FAKE_HANG=hang)
+    s.wait_for("start", hang)
+    ledger = Ledger(open_storage(shared), "drivers/proxy", create=False)
+    before = [(t.number, t.state) for t in ledger.storage.get_all_trials(ledger.study_id)]
+    second = driver("m2")
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 1, out
+    assert "another `sweep` driver (pid " in out and " on m1)" in out, out
+    assert [(t.number, t.state) for t in ledger.storage.get_all_trials(ledger.study_id)] == before
+    assert not (tmp_path / "m2").exists()  # nothing written: no folder, no workers, no jobs
+    first.kill()  # a SIGKILLed driver's claim goes with it; its worker stops its job and re-queues the cell
+    first.communicate(timeout=60)
+    third = driver("m2")
+    out, _ = third.communicate(timeout=180)
+    assert third.returncode == 0, out
+    assert s.done_counts() == {h: 1 for h in s.cells}
+
+
 # ------------------------------------------------------------------------------ ledger logic, in process
 def _ledger(tmp_path: Path, cells: int) -> Ledger:
     ledger = Ledger(open_storage(str(tmp_path / "ledger.journal")), "unit/proxy", create=True)
@@ -355,3 +476,95 @@ def test_concurrent_pops_hand_each_cell_to_one_process(tmp_path):
         p.join(timeout=120)
     got = [c for i in range(4) for c in (tmp_path / f"got{i}").read_text().split()]
     assert sorted(got) == [f"cell{i:02d}" for i in range(40)]
+
+
+def _dead_remote_attempt(ledger: Ledger, tmp_path: Path):
+    t = ledger.pop("remote", lambda t: tmp_path / "x.log")
+    ledger.storage.set_trial_user_attr(t._trial_id, "harness.owner", {"worker": "remote", "host": "elsewhere",
+                                                                      "pid": 1, "started": time.time()})
+    ledger.storage.set_trial_user_attr(t._trial_id, "harness.heartbeat", time.time() - 10 * ledger.stale_after)
+    return t
+
+
+def test_reaper_adopts_a_dead_workers_finished_attempt_and_waits_when_it_cannot_tell(tmp_path):
+    from harness.sweep.adopt import Verdict
+
+    ledger = _ledger(tmp_path, 2)
+    first, second = _dead_remote_attempt(ledger, tmp_path), _dead_remote_attempt(ledger, tmp_path)
+    verdicts = {first.number: Verdict("result", {"status": "diverged", "run_id": "r1", "final": {"val/reward": 0.25}},
+                                      "file", "r1"),
+                second.number: Verdict("unknown", why="MLflow tracking server http://x is unreachable")}
+    assert [t.number for t in ledger.reap(lambda t: verdicts[t.number])] == [first.number]
+    cells = {c.hash: c for c in ledger.cells()}
+    assert (cells["cell00"].state, cells["cell00"].attempt, cells["cell00"].val_reward) == ("diverged", 1, 0.25)
+    assert cells["cell01"].state == "running"  # unknown: left for a later reap, not failed, not re-queued
+    assert len(ledger.trials()) == 2
+    verdicts[second.number] = Verdict("none")
+    assert [t.number for t in ledger.reap(lambda t: verdicts[t.number])] == [second.number]
+    assert (ledger.cells()[1].state, ledger.cells()[1].attempt) == ("queued", 2)
+
+
+def test_of_two_queued_successors_only_the_lowest_runs(tmp_path):
+    ledger = _ledger(tmp_path, 1)
+    ledger.enqueue("cell00", {"i": 0}, {"seed": 0}, 1.0, attempt=2)  # two reapers re-queued at once
+    a = ledger.pop("a", lambda t: tmp_path / "x.log")
+    assert a.user_attrs["harness.attempt"] == 1
+    assert ledger.pop("b", lambda t: tmp_path / "x.log") is None  # attempt 2 sees attempt 1 running: dropped
+    assert [t.user_attrs.get("harness.outcome") for t in ledger.trials()] == [None, {"state": "duplicate"}]
+
+
+def test_adoption_reads_the_attempts_result_file_then_its_mlflow_run(tmp_path, monkeypatch):
+    from harness import tracking
+    from harness.launch import free_port
+    from harness.sweep import adopt
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep_dir = tmp_path / "sweep"
+    assert adopt.find(sweep_dir, "u/proxy", "c1", 1).kind == "none"  # no file, no experiment
+    client = tracking.client()
+    exp = tracking.ensure_experiment(client, "u/proxy")
+    run = client.create_run(exp, tags={"harness.cell": "c1", "harness.attempt": "1", "harness.status": "running"})
+    client.log_metric(run.info.run_id, "val/reward", 0.75, step=3)
+    assert adopt.find(sweep_dir, "u/proxy", "c1", 1).kind == "none"  # still training when it died
+    client.set_tag(run.info.run_id, "harness.status", "complete")  # killed between its status tag and its end
+    v = adopt.find(sweep_dir, "u/proxy", "c1", 1)
+    assert (v.kind, v.source, v.run_id, v.outcome()["val_reward"]) == ("result", "mlflow", run.info.run_id, 0.75)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert adopt.find(sweep_dir, "u/proxy", "c1", 2).kind == "none"  # another attempt's run is not this one's
+    path = adopt.result_path(sweep_dir, "c2", 1)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"status": "complete", "run_id": "r2", "fin')  # cut short by a kill: not a result
+    assert adopt.find(sweep_dir, "u/proxy", "c2", 1).kind == "none"
+    path.write_text(json.dumps({"status": "complete", "run_id": "r2", "final": {"val/reward": 0.5}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens there
+    assert adopt.find(sweep_dir, "u/proxy", "c2", 1).kind == "result"  # the file alone suffices
+    v = adopt.find(sweep_dir, "u/proxy", "c1", 1)
+    assert v.kind == "unknown" and v.why.startswith("MLflow tracking server http://127.0.0.1:"), v
+
+
+def _claim_in_process(url: str, out: str, barrier) -> None:
+    from harness.sweep.claim import ClaimTaken, DriverClaim
+
+    barrier.wait()
+    try:
+        claim = DriverClaim(url, "race/proxy").take()
+        Path(out).write_text("held")
+        barrier.wait()  # hold it until every contender has tried
+        claim.release()
+    except ClaimTaken:
+        Path(out).write_text("refused")
+        barrier.wait()
+
+
+def test_driver_claim_on_a_journal_is_held_by_exactly_one_of_racing_processes(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_claim_in_process, args=(str(tmp_path / "ledger.journal"), str(tmp_path / f"c{i}"),
+                                                         barrier)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert sorted((tmp_path / f"c{i}").read_text() for i in range(4)) == ["held"] + ["refused"] * 3
