@@ -53,7 +53,8 @@ def method_lines(summaries: pd.DataFrame, baseline: str | None, measures: list[s
              f"(IQM) of the paired differences and the probability of improvement P(objective > baseline) (paired "
              f"seeds, ties 1/2, averaged over cells), each with a stratified-bootstrap {LEVEL:.0%} percentile "
              f"interval ({BOOTSTRAP_RESAMPLES} resamples of seeds within cells, seed {BOOTSTRAP_SEED}, "
-             "scipy.stats.bootstrap).",
+             "scipy.stats.bootstrap). With few seeds per cell the percentile bootstrap only reshuffles the seeds "
+             "it has and runs narrow: read it together with the per-cell intervals and MDEs.",
              f"- Measures: {', '.join(MEASURE_LABELS[m] for m in measures)}. Scoring covers the full budget: a "
              "diverged run counts 0 from its divergence on (its curve falls linearly from its last evaluation to "
              f"0 at the divergence); \"last 3 evals\" is the mean of the last {LAST_K} scheduled evaluations; the "
@@ -91,8 +92,7 @@ def aggregate_lines(agg: pd.DataFrame, axes: list[str]) -> list[str]:
         elif lo > 0 or hi < 0 or p_lo > 0.5 or p_hi < 0.5:
             verdict = "mixed: one of the two intervals excludes no-difference, the other does not"
         else:
-            verdict = (f"no detectable difference (the IQM interval spans {lo:+.3f} to {hi:+.3f}: differences "
-                       "outside it are excluded)")
+            verdict = f"no detectable difference (IQM interval {lo:+.3f} to {hi:+.3f})"
         lines.append(f"- {r['objective']} − {r['baseline']}{_axes_text(r, axes)}, {MEASURE_LABELS[r['measure']]} "
                      f"({_n(int(r['strata']), 'cell')}, {int(r['pairs'])} pairs): IQM {interval(m, lo, hi, sign='+')}, "
                      f"P(improvement) {interval(r['p_improve'], p_lo, p_hi, '.2f')}: {verdict}.")
@@ -100,27 +100,24 @@ def aggregate_lines(agg: pd.DataFrame, axes: list[str]) -> list[str]:
 
 
 def cell_lines(paired_rows: pd.DataFrame, axes: list[str], measures: list[str]) -> list[str]:
+    """Per (objective, measure): every cell's paired difference, its effect size and what a null could see."""
     lines = []
     for (objective, measure), rows in paired_rows.groupby(["objective", "measure"], sort=False):
         if measure not in measures:
             continue
-        found = rows[rows["verdict"].isin(["higher", "lower"])]
-        null = rows[rows["verdict"] == "no detectable difference"]
-        same = rows[rows["verdict"] == "identical"]
-        few = rows[rows["verdict"] == "too few seeds"]
-        parts = [f"{_cell(r.batch_ratio, r.iterations)}{_axes_text(r, axes)}: {r.verdict} "
-                 f"{interval(r.mean_diff, r.lo, r.hi, sign='+')} (d_z {r.effect:+.2f})" for _, r in found.iterrows()]
-        head = f"- {objective} − {rows['baseline'].iloc[0]}, {MEASURE_LABELS[measure]}: "
-        text = (f"{_n(len(found), 'cell')} with a difference: " + "; ".join(parts) + ". ") if len(found) else ""
-        if len(null):
-            mdes = ", ".join(f"{_cell(r.batch_ratio, r.iterations)}{_axes_text(r, axes)} {r.mde:.3f}"
-                             for _, r in null.iterrows())
-            text += f"no detectable difference in {_n(len(null), 'cell')} (no difference larger than: {mdes}). "
-        if len(same):
-            text += f"identical in {_n(len(same), 'cell')}. "
-        if len(few):
-            text += f"{_n(len(few), 'cell')} with fewer than 2 pairs: no claim. "
-        lines.append(head + text.strip())
+        parts = []
+        for _, r in rows.iterrows():
+            where = f"{_cell(r.batch_ratio, r.iterations)}{_axes_text(r, axes)}"
+            if r.verdict == "identical":
+                parts.append(f"{where}: identical (all {r.n} differences exactly 0)")
+            elif r.verdict == "too few seeds":
+                parts.append(f"{where}: {r.n} pair(s), no claim")
+            else:
+                claim = (f"**{objective} {r.verdict}**" if r.verdict in ("higher", "lower")
+                         else f"no difference larger than {r.mde:.3f}")
+                parts.append(f"{where}: {claim}, {interval(r.mean_diff, r.lo, r.hi, sign='+')} "
+                             f"(d_z {r.effect:+.2f}, n {r.n}, MDE {r.mde:.3f})")
+        lines.append(f"- {objective} − {rows['baseline'].iloc[0]}, {MEASURE_LABELS[measure]}: " + "; ".join(parts) + ".")
     return lines
 
 
