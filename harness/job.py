@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from harness.config import BatchShape, ConfigError, JobConfig, config_hash, shape_of
+from harness.vllm_support import isolate_rendezvous
 
 log = logging.getLogger("harness.job")
 
@@ -49,12 +50,9 @@ def grpo_config(cfg: JobConfig, shape: BatchShape, device: str):
 
 
 def check_vllm(cfg: JobConfig, device: str) -> None:
-    if cfg.trl.get("use_vllm"):
-        import importlib.util
+    from harness.vllm_support import check_vllm as check
 
-        if device == "cpu" or importlib.util.find_spec("vllm") is None:
-            raise ConfigError("trl.use_vllm: needs a CUDA device and the vllm extra (pip install '.[vllm]'); "
-                              "allowed here: false")
+    check(cfg.trl, device)  # what works on CPU and what needs CUDA: harness/vllm_support.py
 
 
 def grpo_config_kwargs(cfg: JobConfig, shape: BatchShape, device: str) -> dict[str, Any]:
@@ -86,6 +84,7 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
         shape = shape_of(cfg, world)
     except ValueError as e:
         raise ConfigError(f"batch shape over {world} processes: {e}") from None
+    isolate_rendezvous(cfg.trl, world)  # before GRPOConfig: on CPU accelerate would pin MASTER_PORT to 29500
     args = grpo_config(cfg, shape, device)
     objective, task = get_objective(cfg.objective), get_task(cfg.task)
     if cfg.model == "proxy" and not task.alphabet:
@@ -128,6 +127,7 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
     result["wall_s"] = round(time.time() - t0, 1)
     logger.set_tags({"harness.status": result["status"]})
     logger.finish("FINISHED")
+    _leave_process_group()
     if not main:
         return result
     path = Path(result_path) if result_path else out / "result.json"
@@ -148,7 +148,9 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     if cfg.model == "proxy":
         from harness.proxy_model import ensure_proxy_model
 
-        path = ensure_proxy_model(cfg.proxy, task, cache_root())
+        # Rank 0 builds it: transformers writes a model only from rank 0 of a process group.
+        with args.main_process_first(desc="proxy model"):
+            path = ensure_proxy_model(cfg.proxy, task, cache_root())
         meta = json.loads((path / "meta.json").read_text())
         logger.log_params({"proxy.path": str(path), "proxy.params": str(meta["params"]),
                            "proxy.warmstart_val_reward": str(meta["warmstart_val_reward"])})
@@ -201,6 +203,15 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     return {"status": status, "steps": trainer.state.global_step, "train_s": round(train_s, 3), "final": final,
             "steps_per_rollout_batch": steps_per_batch, "steps_per_rollout_batch_expected": expected,
             "diverged_at": guard.diverged_at}
+
+
+def _leave_process_group() -> None:
+    """Tear down torch.distributed before exit: left to interpreter shutdown, it now and then aborts a finished
+    multi-process job ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_group() -> tuple[int, bool]:

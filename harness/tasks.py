@@ -63,7 +63,9 @@ class Task(ABC):
 
         def correct_answer(completions, answer, completion_ids=None, **_):
             out = []
-            for i, (text, ans) in enumerate(zip(completions, answer)):
+            for i, (completion, ans) in enumerate(zip(completions, answer)):
+                # chat prompts: TRL passes each completion as its messages, [{"role": "assistant", "content": ...}]
+                text = completion if isinstance(completion, str) else completion[-1]["content"]
                 ended = completion_ids is None or eos_token_id is None or eos_token_id in completion_ids[i]
                 out.append(self.score(text, ans) if ended else 0.0)
             return out

@@ -1,12 +1,14 @@
 """Multi-GPU cells: packing jobs of `gpus_per_job` devices onto a machine's GPUs, and their launch command lines.
 
-MOCKED, because no GPU exists on the machines this suite runs on: `torch.cuda.is_available` and
-`torch.cuda.device_count` are monkeypatched in the test process to pretend the machine has 3 or 4 GPUs, and
+What needs CUDA is MOCKED here, because no GPU exists on the machines this suite runs on: `torch.cuda.is_available`
+and `torch.cuda.device_count` are monkeypatched in the test process to pretend the machine has 3 or 4 GPUs, and
 `accelerate` is replaced (HARNESS_ACCELERATE_CMD) by a stand-in script that records its command line and the
-CUDA_VISIBLE_DEVICES it was given, then writes result.json like a finished job. Nothing here launches accelerate,
-DeepSpeed or CUDA. What is real: the spec validation, the driver, the worker processes, the ledger, the pinning
-of each worker to its devices, and the command lines, which accelerate's own argument parser and launch
-validation accept (`accelerate.commands.launch`, run on CPU without starting anything).
+CUDA_VISIBLE_DEVICES it was given, then writes result.json like a finished job. Those stand-ins remain for what
+only GPUs can run: packing workers onto disjoint sets of devices and pinning their jobs there, and ZeRO-2
+(DeepSpeed needs CUDA). What is real: the spec validation, the driver, the worker processes, the ledger, the
+pinning of each worker to its devices, and the command lines, which accelerate's own argument parser and launch
+validation accept. The launch itself, a worker running a 2-process cell with real accelerate and real training
+(on CPU, over gloo), is tests/test_multiprocess_cpu.py.
 """
 from __future__ import annotations
 
