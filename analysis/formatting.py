@@ -94,6 +94,8 @@ def aggregate_display(a: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         "P(improvement) [95% CI]": [interval(m, lo, hi, ".2f") for m, lo, hi in zip(a["p_improve"],
                                                                                    a["p_improve_lo"],
                                                                                    a["p_improve_hi"])],
+        "sign-flip p (floor)": [f"{p:.3g} ({f:.3g})" for p, f in zip(a["p_signflip"], a["p_floor"])],
+        "verdict": a["verdict"],
     })
 
 
@@ -133,7 +135,8 @@ CAPTIONS = {
     "paired": "paired per-seed differences, objective minus baseline: mean [95\\% t-interval], d\\_z, and the "
               "minimum detectable difference at 80\\% power",
     "aggregate": "aggregate over the off-policy cells: interquartile mean of paired differences and probability "
-                 "of improvement, stratified bootstrap 95\\% intervals",
+                 "of improvement, stratified bootstrap 95\\% intervals; exact sign-flip test p (smallest attainable "
+                 "p); a difference is claimed only when all three agree",
 }
 
 

@@ -13,7 +13,9 @@ difference X_s - baseline_s (analysis.stats.paired). A seed present in one arm o
   one in twenty null comparisons reads as a difference. The aggregate is the verdict to quote.
 - aggregate: per objective (and extra axes) against the baseline, over the off-policy cells as strata
   (batch_ratio x iterations > 1), the interquartile mean of all paired differences and the probability of
-  improvement, each with a stratified-bootstrap 95% interval (analysis.stats).
+  improvement, each with a stratified-bootstrap 95% interval (analysis.stats). A difference is claimed only
+  when both intervals agree and the exact sign-flip test of the pooled pairs gives p < 5%: with few pairs
+  the bootstrap alone calls differences no test could see (aggregate_verdict).
 - control: on the on-policy cell (batch_ratio 1, iterations 1) the ratio is exactly 1 and CONTROL_PAIRS
   compute the same loss and gradient, so every paired difference must be exactly 0. Anything else means the
   runs did not share their start or the code differs from what it claims.
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.stats import improvement_probability, iqm, paired, stratified_bootstrap
+from analysis.stats import improvement_probability, iqm, paired, sign_flip_test, stratified_bootstrap
 from analysis.summary import MEASURES
 
 # Objective pairs that must agree exactly on the on-policy cell (harness.objectives: cfpo == grpo at r = 1).
@@ -37,7 +39,18 @@ MEASURE_LABELS = {"final_val": "final val reward", "lastk_val": "mean of last 3 
 PAIRED_COLUMNS = ["objective", "baseline", "measure", "n", "unpaired", "mean_diff", "sd", "lo", "hi", "effect",
                   "p", "mde", "verdict", "diffs"]
 AGGREGATE_COLUMNS = ["objective", "baseline", "measure", "strata", "pairs", "iqm", "iqm_lo", "iqm_hi",
-                     "p_improve", "p_improve_lo", "p_improve_hi"]
+                     "p_improve", "p_improve_lo", "p_improve_hi", "p_signflip", "p_floor", "verdict"]
+ALPHA = 0.05
+
+
+def aggregate_verdict(objective: str, lo: float, hi: float, p_lo: float, p_hi: float, p_flip: float) -> str:
+    """`higher`/`lower` only when the IQM interval excludes 0, the P(improvement) interval excludes 1/2 on the
+    same side, and the exact sign-flip test agrees (p < 5%); else `no detectable difference`."""
+    if p_flip < ALPHA and lo > 0 and p_lo > 0.5:
+        return "higher"
+    if p_flip < ALPHA and hi < 0 and p_hi < 0.5:
+        return "lower"
+    return "no detectable difference"
 
 
 def axis_names(summaries: pd.DataFrame) -> list[str]:
@@ -116,8 +129,11 @@ def aggregate(paired_rows: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         strata = [np.asarray(d, dtype=float) for d in group["diffs"]]
         m, lo, hi = stratified_bootstrap(strata, iqm)
         p, p_lo, p_hi = stratified_bootstrap(strata, improvement_probability)
+        p_flip, floor = sign_flip_test(np.concatenate(strata))
         rows.append({**key, "strata": len(strata), "pairs": int(sum(len(s) for s in strata)), "iqm": m,
-                     "iqm_lo": lo, "iqm_hi": hi, "p_improve": p, "p_improve_lo": p_lo, "p_improve_hi": p_hi})
+                     "iqm_lo": lo, "iqm_hi": hi, "p_improve": p, "p_improve_lo": p_lo, "p_improve_hi": p_hi,
+                     "p_signflip": p_flip, "p_floor": floor, "verdict": aggregate_verdict(
+                         key["objective"], lo, hi, p_lo, p_hi, p_flip)})
     return pd.DataFrame(rows, columns=["objective", "baseline", *axes, "measure", *AGGREGATE_COLUMNS[3:]])
 
 

@@ -16,7 +16,7 @@ from analysis.figures import HEADLINE, VERDICT
 from analysis.formatting import interval, markdown
 from analysis.load import StudyData
 from analysis.metrics import CURVES
-from analysis.paired import MEASURE_LABELS, Control
+from analysis.paired import ALPHA, MEASURE_LABELS, Control
 from analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, POWER
 from analysis.style import objective_order
 from analysis.summary import LAST_K, SE_MARGIN
@@ -53,8 +53,11 @@ def method_lines(summaries: pd.DataFrame, baseline: str | None, measures: list[s
              f"(IQM) of the paired differences and the probability of improvement P(objective > baseline) (paired "
              f"seeds, ties 1/2, averaged over cells), each with a stratified-bootstrap {LEVEL:.0%} percentile "
              f"interval ({BOOTSTRAP_RESAMPLES} resamples of seeds within cells, seed {BOOTSTRAP_SEED}, "
-             "scipy.stats.bootstrap). With few seeds per cell the percentile bootstrap only reshuffles the seeds "
-             "it has and runs narrow: read it together with the per-cell intervals and MDEs.",
+             "scipy.stats.bootstrap). The percentile bootstrap only reshuffles the seeds it has and runs narrow "
+             "with few seeds, so an aggregate difference is claimed only when both intervals exclude "
+             "no-difference and the exact sign-flip (paired randomization) test of the pooled pairs gives "
+             "p < 0.05; with n pairs its smallest attainable p is 2/2^n, so 6 pairs are the least that can show "
+             "anything.",
              f"- Measures: {', '.join(MEASURE_LABELS[m] for m in measures)}. Scoring covers the full budget: a "
              "diverged run counts 0 from its divergence on (its curve falls linearly from its last evaluation to "
              f"0 at the divergence); \"last 3 evals\" is the mean of the last {LAST_K} scheduled evaluations; the "
@@ -84,18 +87,17 @@ def aggregate_lines(agg: pd.DataFrame, axes: list[str]) -> list[str]:
     lines = []
     for _, r in agg.iterrows():
         m, lo, hi = r["iqm"], r["iqm_lo"], r["iqm_hi"]
-        p_lo, p_hi = r["p_improve_lo"], r["p_improve_hi"]
-        if lo > 0 and p_lo > 0.5:
-            verdict = f"**{r['objective']} higher**"
-        elif hi < 0 and p_hi < 0.5:
-            verdict = f"**{r['objective']} lower**"
-        elif lo > 0 or hi < 0 or p_lo > 0.5 or p_hi < 0.5:
-            verdict = "mixed: one of the two intervals excludes no-difference, the other does not"
+        if r["verdict"] in ("higher", "lower"):
+            verdict = f"**{r['objective']} {r['verdict']}** (sign-flip p = {r['p_signflip']:.3g})"
+        elif r["p_floor"] >= ALPHA:
+            verdict = (f"no detectable difference: {int(r['pairs'])} pairs cannot reach p < {ALPHA:g} in the exact "
+                       f"sign-flip test (smallest attainable p = {r['p_floor']:.3g}), whatever the intervals say")
         else:
-            verdict = f"no detectable difference (IQM interval {lo:+.3f} to {hi:+.3f})"
+            verdict = f"no detectable difference (sign-flip p = {r['p_signflip']:.3g})"
         lines.append(f"- {r['objective']} − {r['baseline']}{_axes_text(r, axes)}, {MEASURE_LABELS[r['measure']]} "
                      f"({_n(int(r['strata']), 'cell')}, {int(r['pairs'])} pairs): IQM {interval(m, lo, hi, sign='+')}, "
-                     f"P(improvement) {interval(r['p_improve'], p_lo, p_hi, '.2f')}: {verdict}.")
+                     f"P(improvement) {interval(r['p_improve'], r['p_improve_lo'], r['p_improve_hi'], '.2f')}: "
+                     f"{verdict}.")
     return lines
 
 

@@ -8,6 +8,8 @@
   power at n pairs (noncentral t; the same computation as statsmodels' TTestPower.solve_power, done here with
   scipy to spare the analysis a 5 s import);
 - `clopper_pearson`: exact binomial interval for k collapsed of n seeds;
+- `sign_flip_test`: the exact paired randomization test that must agree before an aggregate difference is
+  claimed (see its docstring);
 - `stratified_bootstrap`: rliable's stratified bootstrap (strata = cells, resampling seeds within each cell),
   computed by scipy.stats.bootstrap with one sample per stratum (scipy resamples each sample independently,
   which is exactly stratification), vectorized over resamples, percentile intervals as rliable reports, seeded.
@@ -114,6 +116,25 @@ def improvement_probability(*strata: np.ndarray, axis: int = -1) -> np.ndarray:
     counts 1/2), averaged over strata (rliable's average over tasks; pairs, not all cross-seed pairs, because
     the seeds share a start)."""
     return np.mean([np.mean(np.where(s > 0, 1.0, np.where(s == 0, 0.5, 0.0)), axis=axis) for s in strata], axis=0)
+
+
+def sign_flip_test(diffs: np.ndarray, n_resamples: int = 9999, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """(p, smallest attainable p) of the exact paired randomization test of IQM(diffs) = 0: under the null the
+    two arms of a pair are exchangeable, so each difference's sign is a coin flip (scipy.stats.permutation_test
+    with one sample and permutation_type='samples'; exact enumeration up to 2^13 pairs' flips).
+
+    This is what guards the aggregate verdict: the bootstrap only reshuffles the seeds it has, so three
+    positive pairs give an interval that excludes 0 while their p here is 0.25 (2 / 2^3) at best.
+    """
+    d = np.asarray(diffs, dtype=float)
+    nonzero = int(np.count_nonzero(d))
+    floor = min(1.0, 2.0 / 2 ** nonzero) if nonzero else 1.0
+    if nonzero == 0:
+        return 1.0, floor
+    res = stats.permutation_test((d,), lambda x, axis: stats.trim_mean(x, 0.25, axis=axis), vectorized=True,
+                                 permutation_type="samples", n_resamples=n_resamples, alternative="two-sided",
+                                 rng=np.random.default_rng(seed))
+    return float(res.pvalue), floor
 
 
 def stratified_bootstrap(strata: Sequence[np.ndarray], statistic: Callable[..., np.ndarray],

@@ -8,7 +8,7 @@ from scipy import stats
 
 from analysis.paired import aggregate, control, paired_table
 from analysis.stats import (clopper_pearson, detectable_effect, improvement_probability, iqm, mean_ci, paired,
-                            stratified_bootstrap)
+                            sign_flip_test, stratified_bootstrap)
 
 CELLS = [(1, 1), (1, 4), (4, 1), (4, 4)]
 
@@ -86,6 +86,28 @@ def test_paired_effect_hidden_under_seed_spread_is_found():
     assert (off["verdict"] == "higher").all() and (off["lo"] > 0).all()
     agg = aggregate(p, []).iloc[0]
     assert agg["iqm_lo"] > 0 and agg["p_improve_lo"] > 0.5 and agg["strata"] == 3 and agg["pairs"] == 15
+    assert agg["p_signflip"] < 0.05 and agg["verdict"] == "higher"
+
+
+def test_sign_flip_test_exact_values():
+    # all 2^3 sign patterns of (1, 2, 3): |IQM| >= the observed one for (+,+,+) and (-,-,-) only
+    assert sign_flip_test(np.array([1.0, 2.0, 3.0])) == pytest.approx((0.25, 0.25))
+    assert sign_flip_test(np.zeros(4)) == (1.0, 1.0)
+    # 7 positive pairs: the IQM trims one value per end, so flipping the smallest (trimmed) one ties the
+    # observed statistic too: 4 of the 2^7 patterns, against the floor 2 / 2^7
+    p, floor = sign_flip_test(np.array([0.5, 0.4, 0.6, 0.55, 0.45, 0.5, 0.52]))
+    assert p == pytest.approx(4 / 2 ** 7) and floor == pytest.approx(2 / 2 ** 7)
+
+
+def test_three_positive_pairs_are_not_called_a_difference():
+    """One cell of 3 seeds, every pair positive: the bootstrap interval excludes 0 (it only reshuffles three
+    positive numbers), but no test on 3 pairs can reach 5%; the verdict must not claim a difference."""
+    df = summaries(effect=0.08, spread=0.15, noise=0.05, seeds=3)
+    p = paired_table(df[df["batch_ratio"] * df["iterations"] == 16], "grpo", ("final_val",))
+    assert (np.asarray(p["diffs"].iloc[0]) > 0).all()
+    agg = aggregate(p, []).iloc[0]
+    assert agg["iqm_lo"] > 0 and agg["p_improve_lo"] == 1.0  # the bootstrap alone would call it
+    assert agg["p_floor"] == 0.25 and agg["verdict"] == "no detectable difference"
 
 
 def test_null_is_not_called_a_difference_and_reports_its_power():
