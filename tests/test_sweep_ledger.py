@@ -142,10 +142,10 @@ def uri(tmp_path_factory) -> str:
 def test_two_workers_run_each_cell_exactly_once(tmp_path, uri):
     """The driver's local worker and a worker joining with `python -m harness worker` share one queue."""
     s = Sweep(tmp_path, uri, "two", seeds=[0, 1])
-    driver = s.start("--workers", "1", FAKE_SLEEP="0.7")
+    driver = s.start("--workers", "1", FAKE_SLEEP="2.0")
     s.wait_for("start", s.cells[0])  # the driver's worker is at work: the queue exists and is shared from now
     joiner = subprocess.run([sys.executable, "-m", "harness", "worker", str(s.spec), "--scale", "proxy",
-                             "--name", "joiner"], env={**s.env, "FAKE_SLEEP": "0.7"}, capture_output=True,
+                             "--name", "joiner"], env={**s.env, "FAKE_SLEEP": "2.0"}, capture_output=True,
                             text=True, timeout=90)
     out, _ = driver.communicate(timeout=90)
     assert driver.returncode == 0, out
