@@ -129,7 +129,7 @@ def sign_flip_test(diffs: np.ndarray, n_resamples: int = 9999, seed: int = BOOTS
     d = np.asarray(diffs, dtype=float)
     nonzero = int(np.count_nonzero(d))
     floor = min(1.0, 2.0 / 2 ** nonzero) if nonzero else 1.0
-    if nonzero == 0:
+    if nonzero < 2:  # one pair: both signs give the same |statistic|, p = 1 (scipy needs two observations)
         return 1.0, floor
     res = stats.permutation_test((d,), lambda x, axis: stats.trim_mean(x, 0.25, axis=axis), vectorized=True,
                                  permutation_type="samples", n_resamples=n_resamples, alternative="two-sided",
@@ -141,10 +141,21 @@ def stratified_bootstrap(strata: Sequence[np.ndarray], statistic: Callable[..., 
                          level: float = LEVEL, n_resamples: int = BOOTSTRAP_RESAMPLES,
                          seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """(point, lo, hi): the statistic on the data and its stratified-bootstrap percentile interval."""
-    samples = tuple(np.asarray(s, dtype=float) for s in strata)
+    samples = [np.asarray(s, dtype=float) for s in strata]
     point = float(statistic(*samples, axis=-1))
-    if all(len(s) < 2 or np.all(s == s[0]) for s in samples) and len({float(s[0]) for s in samples}) <= 1:
-        return point, point, point  # nothing to resample: every value is the same
-    res = stats.bootstrap(samples, statistic, n_resamples=n_resamples, vectorized=True, paired=False,
-                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    # A stratum of one seed resamples to itself: hold it fixed (scipy resamples samples of two or more).
+    varying = [i for i, s in enumerate(samples) if len(s) > 1 and not np.all(s == s[0])]
+    if not varying:
+        return point, point, point
+
+    def with_fixed(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
+        batch = resampled[0].shape[:-1]
+        full = [np.broadcast_to(s, (*batch, len(s))) for s in samples]
+        for i, r in zip(varying, resampled):
+            full[i] = r
+        return statistic(*full, axis=axis)
+
+    res = stats.bootstrap(tuple(samples[i] for i in varying), with_fixed, n_resamples=n_resamples,
+                          vectorized=True, paired=False, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)

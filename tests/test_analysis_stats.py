@@ -55,6 +55,10 @@ def test_stratified_bootstrap_is_seeded_and_matches_a_direct_resampling():
     assert stratified_bootstrap([np.zeros(3)] * 3, iqm) == (0.0, 0.0, 0.0)
     assert stratified_bootstrap([np.ones(3), np.full(2, 0.5)], improvement_probability) == (1.0, 1.0, 1.0)
     assert improvement_probability(np.array([1.0, -1.0, 0.0]), np.array([1.0])) == pytest.approx((0.5 + 1) / 2)
+    # a stratum of one seed is held fixed, not dropped: only the other stratum varies
+    point, lo, hi = stratified_bootstrap([np.array([1.0]), np.array([0.0, 0.5])], improvement_probability)
+    assert point == pytest.approx((1 + 0.75) / 2) and (lo, hi) == pytest.approx(((1 + 0.5) / 2, 1.0))
+    assert stratified_bootstrap([np.array([0.1]), np.array([0.3])], iqm) == pytest.approx((0.2, 0.2, 0.2))
 
 
 def summaries(effect: float, spread: float, noise: float, seeds: int = 5, rng_seed: int = 0) -> pd.DataFrame:
@@ -93,6 +97,7 @@ def test_sign_flip_test_exact_values():
     # all 2^3 sign patterns of (1, 2, 3): |IQM| >= the observed one for (+,+,+) and (-,-,-) only
     assert sign_flip_test(np.array([1.0, 2.0, 3.0])) == pytest.approx((0.25, 0.25))
     assert sign_flip_test(np.zeros(4)) == (1.0, 1.0)
+    assert sign_flip_test(np.array([0.3])) == (1.0, 1.0)  # a single pair: nothing to test
     # 7 positive pairs: the IQM trims one value per end, so flipping the smallest (trimmed) one ties the
     # observed statistic too: 4 of the 2^7 patterns, against the floor 2 / 2^7
     p, floor = sign_flip_test(np.array([0.5, 0.4, 0.6, 0.55, 0.45, 0.5, 0.52]))
