@@ -191,13 +191,15 @@ def test_analysis_tables_read_vllm_runs(jobs, objective):
     assert list((out / "vllm-cpu" / "proxy" / "tables").glob("*.md"))
 
 
-@pytest.mark.xfail(strict=True, reason="analysis/stats.py sign_flip_test raises on a single seed pair (scipy's "
-                                       "permutation_test needs two observations); this study has one")
 def test_analysis_compares_objectives_on_vllm_runs(jobs):
+    """Both objectives in one study: one seed pair (f19f37b made that no longer crash the paired statistics)."""
     root, wait = jobs
     assert wait("sweep")[0] == 0
     proc = tables(root, root / "analysis")
-    assert proc.returncode == 0, proc.stderr[-300:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vllm-cpu/proxy: 2 runs" in proc.stdout and "baseline: grpo" in proc.stdout
+    paired = (root / "analysis" / "vllm-cpu" / "proxy" / "tables" / "paired.md").read_text()
+    assert "cfpo" in paired and "grpo" in paired
 
 
 def test_stock_vllm_cpu_is_refused_in_one_line(jobs):

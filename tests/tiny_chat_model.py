@@ -29,7 +29,8 @@ def records(n: int, seed: int) -> list[dict]:
     out = []
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        out.append({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+        answer = f"{a}+{b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"
+        out.append({"question": f"What is {a} plus {b}?", "answer": answer})
     return out
 
 
