@@ -26,7 +26,7 @@ from harness.sweep.spec import load_spec, make_plan
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 30  # 12 s of metrics: wide enough that the server goes away mid-job even on a loaded machine
 FAKE_JOB = r'''
 import json, os, sys, time
 from mlflow.tracking import MlflowClient
