@@ -57,8 +57,6 @@ def scored_curve(rb: np.ndarray, val: np.ndarray, budget: float, diverged_rb: fl
         y = np.concatenate([val, np.zeros(len(x) - len(rb))])
     else:
         x, y = rb, val
-    if len(x) == 0:
-        return x, y, x, y
     if diverged_rb is None:
         return x, y, x, y  # a complete run's schedule is what it logged
     step = eval_every or (float(np.median(np.diff(rb))) if len(rb) > 1 else budget)
