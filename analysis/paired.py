@@ -16,9 +16,9 @@ difference X_s - baseline_s (analysis.stats.paired). A seed present in one arm o
   improvement, each with a stratified-bootstrap 95% interval (analysis.stats). A difference is claimed only
   when both intervals agree and the exact sign-flip test of the pooled pairs gives p < 5%: with few pairs
   the bootstrap alone calls differences no test could see (aggregate_verdict).
-- control: on the on-policy cell (batch_ratio 1, iterations 1) the ratio is exactly 1 and CONTROL_PAIRS
-  compute the same loss and gradient, so every paired difference must be exactly 0. Anything else means the
-  runs did not share their start or the code differs from what it claims.
+- control: on the on-policy cell (batch_ratio 1, iterations 1) the ratio is exactly 1 and CONTROL_OBJECTIVES
+  compute the same gradient, bit for bit, so every paired difference among them must be exactly 0. Anything else
+  means the runs did not share their start or the code differs from what it claims.
 """
 from __future__ import annotations
 
@@ -32,8 +32,14 @@ from analysis.errors import AnalysisError
 from analysis.stats import improvement_probability, iqm, paired, sign_flip_test, stratified_bootstrap
 from analysis.summary import MEASURES
 
-# Objective pairs that must agree exactly on the on-policy cell (harness.objectives: cfpo == grpo at r = 1).
-CONTROL_PAIRS = frozenset({frozenset({"grpo", "cfpo"})})
+# Objectives whose on-policy gradient is TRL's grpo gradient bit for bit (tests/test_trainer_equivalence.py), so
+# they must agree exactly on the on-policy cell. Not cispo, sapo nor gspo: theirs is the same gradient computed by
+# other operations (A log pi, a 4/tau gate, a per-sequence mean log-ratio), equal only up to rounding (and for gspo
+# with TRL's bias-corrected KL term, beta > 0, not equal at all).
+CONTROL_OBJECTIVES = frozenset({"grpo", "clip-higher", "cfpo", "gppo", "pg-is"})
+# Objectives with no trust region at all: if one is not detectably worse than the baseline, the study's setting
+# does not exercise the question of which trust region is better (the report says so).
+NEGATIVE_CONTROLS = ("pg-is",)
 MEASURE_LABELS = {"final_val": "final val reward", "lastk_val": "mean of last 3 evaluations",
                   "auc_val": "val reward AUC / length", "gain_val": "gain over start"}
 PAIRED_COLUMNS = ["objective", "baseline", "measure", "n", "unpaired", "mean_diff", "sd", "lo", "hi", "effect",
@@ -144,13 +150,13 @@ class Control:
 
 
 def control(paired_rows: pd.DataFrame) -> Control:
-    """The on-policy control (see the module docstring) over every CONTROL_PAIRS comparison present."""
+    """The on-policy control (see the module docstring) over every comparison of two CONTROL_OBJECTIVES."""
     on = paired_rows[(paired_rows["batch_ratio"] == 1) & (paired_rows["iterations"] == 1)]
-    on = on[np.array([frozenset({o, b}) in CONTROL_PAIRS for o, b in zip(on["objective"], on["baseline"])], bool)]
+    on = on[np.array([{o, b} <= CONTROL_OBJECTIVES for o, b in zip(on["objective"], on["baseline"])], bool)]
     on = on[on["n"] > 0]
     if on.empty:
         return Control("not applicable", "the study has no on-policy cell (batch ratio 1, iterations 1) with "
-                       "paired seeds of " + " and ".join(sorted(next(iter(CONTROL_PAIRS)))) + ".")
+                       "paired seeds of two of " + ", ".join(sorted(CONTROL_OBJECTIVES)) + ".")
     bad = on[np.array([not np.all(np.asarray(d) == 0) for d in on["diffs"]], bool)]
     pairs = int(on.groupby(["objective"])["n"].max().sum())
     if bad.empty:

@@ -16,7 +16,7 @@ from analysis.figures import HEADLINE, VERDICT
 from analysis.formatting import interval, markdown
 from analysis.load import StudyData
 from analysis.metrics import CURVES
-from analysis.paired import ALPHA, MEASURE_LABELS, Control
+from analysis.paired import ALPHA, MEASURE_LABELS, NEGATIVE_CONTROLS, Control
 from analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, POWER
 from analysis.style import objective_order
 from analysis.summary import LAST_K, SE_MARGIN
@@ -72,6 +72,33 @@ def control_lines(ctl: Control) -> list[str]:
     if ctl.status == "FAILED":
         return [f"**CONTROL FAILED**: {ctl.detail}"]
     return [f"On-policy control {ctl.status}: {ctl.detail}"]
+
+
+def negative_control_lines(agg: pd.DataFrame, table: pd.DataFrame, baseline: str | None) -> list[str]:
+    """Is an objective without any trust region worse than the baseline here? If not, the setting does not test
+    trust regions, whatever the other comparisons say."""
+    lines = []
+    off = table[table["batch_ratio"] * table["iterations"] > 1]
+    for name in NEGATIVE_CONTROLS:
+        rows = agg[agg["objective"] == name] if len(agg) else agg
+        if not baseline or rows.empty:
+            continue
+        worse = rows[rows["verdict"] == "lower"]
+        collapsed = {o: (int(off.loc[off["objective"] == o, "collapsed_n"].sum()), int(off.loc[
+            off["objective"] == o, "seeds"].sum())) for o in (name, baseline)}
+        counts = (f"off-policy runs collapsed: {name} {collapsed[name][0]}/{collapsed[name][1]}, {baseline} "
+                  f"{collapsed[baseline][0]}/{collapsed[baseline][1]}")
+        if len(worse):
+            measures = ", ".join(MEASURE_LABELS[m] for m in worse["measure"])
+            lines.append(f"Negative control met: {name} (no trust region) is detectably worse than {baseline} in "
+                         f"the aggregate ({measures}); {counts}. The setting exercises the question.")
+        else:
+            lines.append(f"**Negative control not met**: {name}, with no trust region at all, is not detectably "
+                         f"worse than {baseline} in the aggregate on any measure; {counts}. This setting does not "
+                         "exercise the question: where dropping the trust region costs nothing detectable, "
+                         "differences between trust regions cannot show, so no sentence about which one is more "
+                         "stable follows from this study.")
+    return lines
 
 
 def version_lines(versions: dict[str, int]) -> list[str]:
@@ -176,6 +203,9 @@ def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, a
           "diverged attempt). Do not edit by hand: rerun the command.", "",
           "## What was compared, and how", "", *method_lines(a["summaries"], a["baseline"], a["measures"]), "",
           "## Summary", "", *control_lines(a["control"]), "", *version_lines(a["versions"]), ""]
+    negative = negative_control_lines(a["aggregate"], table, a["baseline"])
+    if negative:
+        md += [*negative, ""]
     if diverged:
         md += [f"{_n(diverged, 'run')} diverged; scored 0 from the divergence on.", ""]
     if a["baseline"]:

@@ -110,13 +110,16 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
-        from harness.objectives import SHARED_LOSS_TYPES, get_objective
+        from harness.objectives import SHARED_LOSS_TYPES, resolve_knobs
 
         shape_of(self)  # raises on impossible batch shapes
         loss_type = self.trl.get("loss_type", "dapo")
-        if not get_objective(self.objective).stock_trl and loss_type not in SHARED_LOSS_TYPES:
-            raise ValueError(f"trl.loss_type={loss_type!r} is not supported with objective {self.objective!r}; "
-                             f"allowed: {', '.join(SHARED_LOSS_TYPES)}")
+        # Every objective shares the study's aggregation: TRL's other loss types (cispo, sapo, ...) are objectives
+        # of their own, and would run under the wrong name.
+        if loss_type not in SHARED_LOSS_TYPES:
+            raise ValueError(f"trl.loss_type={loss_type!r}: allowed: one of {', '.join(SHARED_LOSS_TYPES)} (the "
+                             f"aggregation every objective shares; objective {self.objective!r})")
+        self.trl = resolve_knobs(self.objective, self.trl)  # the objective's paper defaults, in the params too
         return self
 
 

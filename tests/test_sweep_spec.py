@@ -116,6 +116,14 @@ BAD = [
      "generation_batch_size=16 must be divisible by batch_ratio=3"),
     ("unknown objective", _bad(TINY, **{"axes/objective": ["grpo", "ppo"]}), "objective: unknown objective 'ppo'"),
     ("not a GRPOConfig knob", _bad(TINY, **{"base/trl/lr": 1}), "trl.lr is not a GRPOConfig field"),
+    ("joined axis, wrong width", _bad(TINY, **{"axes/batch_ratio+iterations": [[1, 1], [2]]}),
+     "axes.batch_ratio+iterations: values must be lists of 2 scalars, one per joined field"),
+    ("joined axis, unknown field", _bad(TINY, **{"axes/batch_ratio+iteration": [[1, 1]]}),
+     "axes.batch_ratio+iteration: not a job field"),
+    ("joined axis, duplicate point", _bad(TINY, **{"axes/batch_ratio+iterations": [[1, 1], [1, 1]]}),
+     "axes.batch_ratio+iterations: duplicate value"),
+    ("knob the objective does not use", _bad(TINY, **{"axes/objective": ["grpo", "pg-is"], "base/trl/epsilon": 0.2}),
+     "trl.epsilon is not used by objective 'pg-is'; its knobs: none"),
 ]
 
 
@@ -210,3 +218,18 @@ def test_every_repo_spec_is_valid_at_both_scales(spec_file):
     spec, path = load_spec(str(REPO / "sweeps" / spec_file))
     for scale in ("proxy", "paper"):
         assert make_plan(spec, path, scale).cells
+
+
+def test_joined_axis_is_a_ladder_not_a_product(tmp_path):
+    """`batch_ratio+iterations: [[1, 1], [2, 2]]`: the two fields move together (2 points, not 4); --set narrows
+    the ladder to one rung and keeps the cells' identities."""
+    spec = {**TINY, "axes": {"objective": ["grpo", "cfpo"], "batch_ratio+iterations": [[1, 1], [2, 2]]}}
+    spec["scales"] = {**TINY["scales"], "proxy": {"base": {"rollout_batches": 2}, "seeds": [0]}}
+    path = write_spec(tmp_path, spec)
+    plan = make_plan(*load_spec(str(path)), "proxy")
+    assert sorted((c.axes["objective"], c.axes["batch_ratio"], c.axes["iterations"]) for c in plan.cells) == [
+        ("cfpo", 1, 1), ("cfpo", 2, 2), ("grpo", 1, 1), ("grpo", 2, 2)]
+    assert all((c.config.batch_ratio, c.config.iterations) == (c.axes["batch_ratio"], c.axes["iterations"])
+               for c in plan.cells)
+    rung = make_plan(*load_spec(str(path)), "proxy", ["batch_ratio+iterations=[2, 2]"])
+    assert {c.hash for c in rung.cells} == {c.hash for c in plan.cells if c.axes["batch_ratio"] == 2}

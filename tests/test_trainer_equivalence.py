@@ -11,7 +11,8 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from harness.objectives import SHARED_LOSS_TYPES, Objective, get_objective, grpo_clipped
+from analysis.paired import CONTROL_OBJECTIVES
+from harness.objectives import SHARED_LOSS_TYPES, Objective, clipped_surrogate, get_objective
 from harness.proxy_model import build_model, build_tokenizer
 from harness.config import ProxyModel
 from harness.trainer import HarnessGRPOTrainer
@@ -90,7 +91,7 @@ def test_objective_pipeline_reproduces_stock_trl(reused_batch, loss_type):
     trainer.loss_type = loss_type
     try:
         l_stock, g_stock = loss_and_grad(trainer, stock(trainer), inputs)
-        trainer.objective = Objective("clip-formula", grpo_clipped, stock_trl=False)
+        trainer.objective = Objective("clip-formula", clipped_surrogate, stock_trl=False, knobs={"epsilon": None})
         l_ours, g_ours = loss_and_grad(trainer, trainer._compute_loss, inputs)
     finally:
         trainer.objective, trainer.loss_type = get_objective("grpo"), "dapo"
@@ -162,3 +163,80 @@ def test_ratio_extremes_are_extremes_over_the_optimizer_step(reused_batch):
         del trainer.callback_handler.on_log
     assert logs[-1]["ratio/max"] == 3.0 and logs[-1]["ratio/min"] == 0.5
     assert logs[-1]["ratio/mean"] == 1.5  # everything else keeps TRL's mean
+
+
+# ------------------------------------------------------------------------------------------ the zoo against TRL
+# (objective, harness loss_type, TRL's loss_type, TRL's importance_sampling_level, epsilon_low, epsilon_high): TRL
+# 1.16 ties cispo to the dapo aggregation and sapo to grpo's, so the harness's term is compared there; eps_max 1.1
+# for cispo so the cap binds on these batches.
+TRL_TWINS = [("cispo", "dapo", "cispo", "token", 0.2, 1.1), ("sapo", "grpo", "sapo", "token", 0.2, 0.2),
+             ("gspo", "grpo", "grpo", "sequence", 3e-4, 4e-4), ("gspo", "dapo", "dapo", "sequence", 3e-4, 4e-4)]
+
+
+@pytest.mark.parametrize("name, ours, theirs, level, eps_low, eps_high", TRL_TWINS,
+                         ids=[f"{t[0]}-{t[1]}" for t in TRL_TWINS])
+def test_zoo_terms_equal_trl_own_on_reused_batches(reused_batch, name, ours, theirs, level, eps_low, eps_high):
+    trainer, inputs = reused_batch
+    saved = trainer.loss_type, trainer.importance_sampling_level, trainer.epsilon_low, trainer.epsilon_high
+    trainer.epsilon_low, trainer.epsilon_high = eps_low, eps_high
+    try:
+        trainer.loss_type, trainer.importance_sampling_level = theirs, level
+        l_trl, g_trl = loss_and_grad(trainer, stock(trainer), inputs)
+        trainer.loss_type, trainer.importance_sampling_level = ours, "token"
+        trainer.objective = get_objective(name)
+        trainer._metrics["train"].clear()
+        l_ours, g_ours = loss_and_grad(trainer, trainer._compute_loss, inputs)
+    finally:
+        trainer.objective = get_objective("grpo")
+        trainer.loss_type, trainer.importance_sampling_level, trainer.epsilon_low, trainer.epsilon_high = saved
+    assert l_trl.abs() > 0 and g_trl.abs().max() > 0
+    torch.testing.assert_close(l_ours, l_trl, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_trl, rtol=1e-5, atol=1e-8)
+    if name == "cispo":  # the cap was active: the comparison covers the truncated branch
+        assert trainer._metrics["train"]["cispo/truncated_mean"][-1] > 0
+
+
+def test_gppo_has_clip_higher_value_and_a_gradient_where_it_clips(reused_batch):
+    """GPPO's forward value is clip-higher's (TRL's grpo clip at 0.2 / 0.28); its gradient differs once tokens
+    are clipped, since those keep (1 +- eps) A grad log pi."""
+    trainer, inputs = reused_batch
+    saved = trainer.epsilon_low, trainer.epsilon_high
+    trainer.epsilon_low, trainer.epsilon_high = 0.2, 0.28
+    try:
+        l_clip, g_clip = loss_and_grad(trainer, stock(trainer), inputs)
+        trainer.objective = get_objective("gppo")
+        trainer._metrics["train"].clear()
+        l_gppo, g_gppo = loss_and_grad(trainer, trainer._compute_loss, inputs)
+        clipped = trainer._metrics["train"]["gppo/clipped_mean"][-1]
+    finally:
+        trainer.objective = get_objective("grpo")
+        trainer.epsilon_low, trainer.epsilon_high = saved
+    torch.testing.assert_close(l_gppo, l_clip, rtol=1e-6, atol=1e-9)
+    assert clipped > 0 and not torch.allclose(g_gppo, g_clip)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROL_OBJECTIVES - {"grpo"}) + ["cispo", "sapo", "gspo"])
+def test_on_policy_control_objectives_train_exactly_like_grpo(reused_batch, name):
+    """analysis.paired.CONTROL_OBJECTIVES must agree bit for bit on the on-policy cell: their gradient at r = 1 is
+    TRL's grpo gradient exactly; cispo's, sapo's and gspo's equal it only up to rounding, so they are left out."""
+    trainer, inputs = reused_batch
+    on_policy = {**inputs, "old_per_token_logps": None}
+    _, g_stock = loss_and_grad(trainer, stock(trainer), on_policy)
+    objective = get_objective(name)
+    knobs = {k: v for k, v in objective.knobs.items() if v is not None and k.startswith("epsilon")}
+    saved = trainer.epsilon_low, trainer.epsilon_high
+    trainer.epsilon_low = knobs.get("epsilon", saved[0])
+    trainer.epsilon_high = knobs.get("epsilon_high", trainer.epsilon_low)
+    try:
+        trainer.objective = objective
+        _, g_ours = loss_and_grad(trainer, trainer._compute_loss, on_policy)
+    finally:
+        trainer.objective = get_objective("grpo")
+        trainer.epsilon_low, trainer.epsilon_high = saved
+    if name in CONTROL_OBJECTIVES:
+        assert torch.equal(g_ours, g_stock)
+    elif name == "gspo" and trainer.beta != 0:  # TRL's bias-corrected KL is weighted by the sequence ratio, whose
+        assert not torch.allclose(g_ours, g_stock)  # gradient spreads over the sequence (TRL's GSPO does the same)
+    else:  # the policy gradient by other operations (sapo: through 4/tau and tau; gspo: through the mean log-ratio
+        # of each sequence; cispo: A log pi, exact only without the KL term): equal up to rounding
+        torch.testing.assert_close(g_ours, g_stock, rtol=1e-5, atol=1e-8)

@@ -98,7 +98,8 @@ class SweepSpec(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict, description="job fields shared by every cell "
                                                                    "(any JobConfig field; nested or dotted keys)")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="job field (dotted key) -> values; "
-                                                                         "the grid is their product")
+                                       "the grid is their product; fields joined by '+' move together, "
+                                       "e.g. batch_ratio+iterations: [[1, 1], [4, 4], [8, 8]] (a reuse ladder)")
     seeds: list[StrictInt] = Field(default_factory=lambda: [0], description="replicate seeds; each cell runs "
                                                                             "once per seed")
     scales: Scales = Field(description="per-scale overrides of base, axes and seeds")
@@ -204,11 +205,12 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
             _check_values(f"--set {key}", values)
             seeds = [int(v) for v in values]
             continue
-        _check_key(f"--set {key}", key, axis=key in axes)
         if key in axes:  # narrowing an axis keeps the cells' identities (a sub-grid of the full sweep)
-            axes[key] = value if isinstance(value, list) else [value]
-            _check_values(f"--set {key}", axes[key])
+            joined = "+" in key and isinstance(value, list) and value and not isinstance(value[0], list)
+            axes[key] = [value] if joined or not isinstance(value, list) else value
+            _check_axis(f"--set {key}", key, axes[key])
         else:
+            _check_key(f"--set {key}", key, axis=False)
             base = deep_merge(base, _nest({key: value}))
     if "rollout_batches" not in base:
         raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must be "
@@ -218,7 +220,7 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
     seen: dict[str, str] = {}
     for seed in seeds:
         for combo in itertools.product(*axes.values()):
-            point = dict(zip(axes, combo, strict=True))
+            point = _point(axes, combo)
             raw_cfg = deep_merge(base, _nest(point))
             raw_cfg.update(seed=seed, experiment=experiment)
             label = " ".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())
@@ -275,8 +277,7 @@ def _check_section(path: Path, prefix: str, base: dict[str, Any], axes: dict[str
     for key in _leaf_keys(base):
         _check_key(f"{path}: {prefix}base.{key}", key, axis=False)
     for key, values in axes.items():
-        _check_key(f"{path}: {prefix}axes.{key}", key, axis=True)
-        _check_values(f"{path}: {prefix}axes.{key}", values)
+        _check_axis(f"{path}: {prefix}axes.{key}", key, values)
     if seeds is not None:
         _check_values(f"{path}: {prefix}seeds", seeds)
 
@@ -300,7 +301,30 @@ def _check_key(where: str, key: str, axis: bool) -> None:
         raise ConfigError(f"{where}: not a {top} field; allowed: {', '.join(sorted(model.model_fields))}")
 
 
-def _check_values(where: str, values: list[Any]) -> None:
+def _check_axis(where: str, key: str, values: list[Any]) -> None:
+    fields = key.split("+")
+    for field in fields:
+        _check_key(where, field, axis=True)
+    if len(fields) == 1:
+        return _check_values(where, values)
+    if len(set(fields)) < len(fields):
+        raise ConfigError(f"{where}: a field appears twice")
+    if not isinstance(values, list) or not all(isinstance(v, list) and len(v) == len(fields) for v in values):
+        raise ConfigError(f"{where}: values must be lists of {len(fields)} scalars, one per joined field")
+    for i, field in enumerate(fields):
+        _check_values(f"{where} ({field})", [v[i] for v in values], unique=False)
+    _check_values(where, [json.dumps(v) for v in values])
+
+
+def _point(axes: dict[str, list[Any]], combo: tuple[Any, ...]) -> dict[str, Any]:
+    """One grid point as job fields: a joined axis ('a+b': [x, y]) gives a=x, b=y."""
+    point: dict[str, Any] = {}
+    for key, value in zip(axes, combo, strict=True):
+        point.update(zip(key.split("+"), value, strict=True) if "+" in key else {key: value})
+    return point
+
+
+def _check_values(where: str, values: list[Any], unique: bool = True) -> None:
     if not values:
         raise ConfigError(f"{where}: needs at least one value")
     seen = set()
@@ -308,7 +332,7 @@ def _check_values(where: str, values: list[Any]) -> None:
         if isinstance(v, (dict, list)):
             raise ConfigError(f"{where}: values must be scalars, got {v!r}")
         key = json.dumps(v, sort_keys=True, default=repr)  # YAML may give dates
-        if key in seen:
+        if unique and key in seen:
             raise ConfigError(f"{where}: duplicate value {v!r}")
         seen.add(key)
 
