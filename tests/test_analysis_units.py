@@ -169,3 +169,21 @@ def test_ablation_axes_split_lines_instead_of_pooling_them_as_seeds():
     assert line_label({"objective": "cfpo", "harness.axes": axes}) == "cfpo trl.max_grad_norm=0.0"
     grid_only = '{"batch_ratio": 4, "iterations": 1, "objective": "grpo", "seed": 0}'
     assert line_label({"objective": "grpo", "harness.axes": grid_only}) == "grpo"
+
+
+def test_negative_control_says_when_the_setting_does_not_test_trust_regions():
+    from analysis.report import negative_control_lines
+
+    table = pd.DataFrame({"batch_ratio": [1, 1, 8, 8], "iterations": [1, 1, 8, 8],
+                          "objective": ["grpo", "pg-is", "grpo", "pg-is"], "collapsed_n": [0, 0, 0, 3],
+                          "seeds": [3, 3, 3, 3]})
+    agg = pd.DataFrame({"objective": ["pg-is", "pg-is"], "measure": ["final_val", "auc_val"],
+                        "verdict": ["lower", "no detectable difference"]})
+    met = negative_control_lines(agg, table, "grpo")
+    assert len(met) == 1 and met[0].startswith("Negative control met: pg-is")
+    assert "final val reward" in met[0] and "pg-is 3/3, grpo 0/3" in met[0]  # off-policy cells only
+    agg["verdict"] = "no detectable difference"
+    (unmet,) = negative_control_lines(agg, table, "grpo")
+    assert unmet.startswith("**Negative control not met**") and "does not exercise the question" in unmet
+    assert negative_control_lines(agg[agg["objective"] == "cfpo"], table, "grpo") == []  # no pg-is: no line
+    assert negative_control_lines(agg, table, None) == []
