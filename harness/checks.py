@@ -42,6 +42,9 @@ TRL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # Upper clip half-width (DAPO's clip-higher), also CFPO's penalty scale where A > 0: same reasons as epsilon.
     "epsilon_high": (lambda v: v is None or _finite_at_least(0, strict=True)(v),
                      "a finite number > 0 (the upper clip half-width; negative inverts it)"),
+    # SAPO's gate sigma(tau (r - 1)) 4 / tau: tau <= 0 divides by zero or turns the gate around.
+    "sapo_temperature_pos": (_finite_at_least(0, strict=True), "a finite number > 0 (SAPO's gate temperature)"),
+    "sapo_temperature_neg": (_finite_at_least(0, strict=True), "a finite number > 0 (SAPO's gate temperature)"),
     # transformers skips its top-p filter when top_p >= 1 and keeps one token at 0: neither is checked.
     "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "0 < top_p <= 1"),
     # AdamW checks only its default weight decay; the Trainer passes weight_decay per parameter group, unchecked.
