@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,8 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
 
     first = harness(env, *argv)
     assert first.returncode == 0, first.stdout + first.stderr
+    used = re.search(r"worker utilisation (\d+)% of 2 x ", first.stdout)  # busy worker-seconds / (workers x wall)
+    assert used and 0 < int(used.group(1)) <= 100, first.stdout
     sweep_dir = results / "grpo-vs-cfpo" / "proxy"
     ledger = Ledger(open_storage(str(sweep_dir / "ledger.journal")), "grpo-vs-cfpo/proxy", create=False)
     assert {c.hash: (c.state, c.attempt) for c in ledger.cells()} == {h: ("complete", 1) for h in cells}

@@ -233,3 +233,39 @@ def test_joined_axis_is_a_ladder_not_a_product(tmp_path):
                for c in plan.cells)
     rung = make_plan(*load_spec(str(path)), "proxy", ["batch_ratio+iterations=[2, 2]"])
     assert {c.hash for c in rung.cells} == {c.hash for c in plan.cells if c.axes["batch_ratio"] == 2}
+
+
+def test_dry_run_prints_cells_knobs_and_estimate_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{results}/mlflow.db")
+    monkeypatch.setenv("COLUMNS", "300")
+    spec = {**TINY, "axes": {"objective": ["clip-higher", "cfpo"], "batch_ratio": [1, 2]}}
+    path = write_spec(tmp_path, spec)
+    assert main(["sweep", str(path), "--scale", "proxy", "--workers", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = make_plan(*load_spec(str(path)), "proxy")
+    assert all(c.hash in out for c in plan.cells) and "epsilon=0.2 epsilon_high=0.28" in out
+    assert "steps_per_generation" in out and "gradient_accumulation_steps" in out
+    assert "wall with 3 worker(s)" in out and "nothing written" in out
+    assert not results.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+    # Bad input is refused the same way with or without --dry-run.
+    bad = write_spec(tmp_path, _bad(spec, **{"axes/batch_ratio": [1, 3]}), "bad.yaml")
+    assert main(["sweep", str(bad), "--scale", "proxy", "--dry-run"]) == 2
+    assert "must be divisible by batch_ratio=3" in capsys.readouterr().err
+
+
+def test_makespan_and_utilisation():
+    from datetime import datetime, timedelta
+
+    from harness.sweep.estimate import makespan, utilisation
+
+    assert makespan([4, 3, 3, 2], 2) == 6  # heaviest first: (4, 2) and (3, 3)
+    assert makespan([2, 3, 3, 4], 2) == 7  # lightest first leaves a worker idle at the end
+    assert makespan([5], 4) == 5 and makespan([], 2) == 0
+    t0 = datetime(2026, 1, 1)
+    at = lambda s: t0 + timedelta(seconds=s)  # noqa: E731
+    # Two workers over 10 s: one busy 0-10, the other 0-4 and 6-10 (plus an attempt from before, clipped).
+    spans = [(at(0), at(10)), (at(0), at(4)), (at(6), None), (at(-50), at(-40)), (None, None)]
+    assert utilisation(spans, t0, at(10), 2) == pytest.approx(18 / 20)
+    assert utilisation(spans, t0, at(10), 0) is None

@@ -36,6 +36,9 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                             "the scale's stall_timeout_min (30 min proxy, 2 h paper)")
     sweep.add_argument("--timeout-min", type=int, default=24 * 60, help="--launcher slurm: time limit per worker job")
     sweep.add_argument("--partition", default=None, help="--launcher slurm: SLURM partition")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="validate the spec, print the cells (axes, TRL batch knobs, objective knobs) and the "
+                            "estimated time per cell and in all for --workers; write nothing")
     sweep.set_defaults(func=_sweep)
 
     worker = sub.add_parser("worker", help="join a running sweep (same --storage and MLFLOW_TRACKING_URI)")
@@ -91,7 +94,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from harness.sweep.driver import SweepError, SweepOptions, run_sweep
     from harness.sweep.spec import check_other_scales, load_spec, make_plan, pick_scale
 
-    _check_options(args)
+    _check_options(args, writes=not args.dry_run)
     spec, path = load_spec(args.name)
     scale, why = pick_scale(args.scale)
     print(f"scale: {scale} ({why})", flush=True)
@@ -102,6 +105,12 @@ def _sweep(args: argparse.Namespace) -> int:
         from harness.launch import default_workers, visible_gpus
 
         args.workers = default_workers(visible_gpus(), plan.gpus_per_job)
+    if args.dry_run:
+        from harness.sweep.display import console
+        from harness.sweep.estimate import print_dry_run
+
+        print_dry_run(plan, args.workers, console())
+        return 0
     opts = SweepOptions(workers=args.workers, storage=args.storage, max_attempts=args.max_attempts,
                         retry_failed=args.retry_failed, launcher=args.launcher, stale_after=args.stale_after,
                         timeout_min=args.timeout_min, partition=args.partition,

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from harness.launch import check_gpus, gpu_slots, visible_gpus
 from harness.sweep import adopt, runs
 from harness.sweep.claim import ClaimTaken, DriverClaim
 from harness.sweep.display import SweepView, console
+from harness.sweep.display import _fmt_s as fmt_s
+from harness.sweep.estimate import utilisation
 from harness.sweep.ledger import (
     ATTEMPT,
     CELL,
@@ -122,6 +125,7 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     view = SweepView(ledger, f"{plan.experiment} ({opts.workers} workers)", [c.hash for c in plan.cells],
                      opts.workers)
+    started = datetime.now()  # naive local time, as Optuna stamps attempts
     try:
         if not ledger.settled():
             workers.start()
@@ -161,7 +165,11 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
                   "start does it", soft_wrap=True)
     ledger.set_attr(DRIVER, None)
     claim.release()
-    out.print(f"sweep {plan.experiment}: {view.summary()}; results in {sweep_dir}; MLflow experiment "
+    busy = utilisation(((t.datetime_start, t.datetime_complete) for t in ledger.trials()), started, datetime.now(),
+                       opts.workers if opts.launcher == "local" else 0)
+    busy_text = f"; worker utilisation {busy:.0%} of {opts.workers} x {fmt_s(time.time() - started.timestamp())}" \
+        if busy is not None else ""
+    out.print(f"sweep {plan.experiment}: {view.summary()}{busy_text}; results in {sweep_dir}; MLflow experiment "
               f"{plan.experiment!r}, parent run {parent}", soft_wrap=True)
     for c in view.cells:
         if c.state == "failed":

@@ -1,0 +1,80 @@
+"""What a sweep will cost before it runs (`sweep --dry-run`), and how busy its workers were after (utilisation).
+
+Cost model: a cell's run time is about start-up plus optimizer steps (spec.Cell.cost, in units of one proxy
+optimizer step); SECONDS_PER_UNIT converts units to seconds on the reference machine of each scale. The total is
+the makespan of the order workers really take cells in (the plan's: heaviest first within each seed), each
+worker taking the next queued cell the moment it is free.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from harness.config import shape_of
+from harness.sweep.display import _fmt_s as fmt_s
+from harness.sweep.spec import Cell, Plan
+
+# Seconds per cost unit with one job per core on the 2-core reference machine (the objective zoo's proxy sweep:
+# 72 cells, docs in the sweep's published report). Paper scale: no reference run yet, so no estimate.
+SECONDS_PER_UNIT: dict[str, float | None] = {"proxy": 0.09, "paper": None}
+
+
+def makespan(durations: Iterable[float], workers: int) -> float:
+    """Wall time for `workers` to run jobs of these durations, taken in this order by whichever is free first."""
+    free = [0.0] * max(workers, 1)
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free)
+
+
+def cell_row(cell: Cell, seconds_per_unit: float | None) -> dict[str, Any]:
+    cfg = cell.config
+    shape = shape_of(cfg)
+    knobs = {k: v for k, v in cfg.trl.items() if k in ("epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
+                                                         "sapo_temperature_neg")}
+    return {"cell": cell.hash, "axes": cell.label(), "objective knobs": " ".join(f"{k}={v}" for k, v in knobs.items()),
+            "micro-batch": shape.per_device_train_batch_size, "steps_per_generation": shape.steps_per_generation,
+            "gradient_accumulation_steps": shape.gradient_accumulation_steps, "num_iterations": shape.num_iterations,
+            "optimizer steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
+            "est_s": cell.cost * seconds_per_unit if seconds_per_unit else None}
+
+
+def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
+    """The cells a sweep would run, how each maps onto TRL, and what it would cost; writes nothing."""
+    from rich.table import Table
+
+    rate = SECONDS_PER_UNIT.get(plan.scale)
+    rows = [cell_row(c, rate) for c in plan.cells]
+    table = Table(title=f"{plan.experiment}: {len(rows)} cells, in the order workers take them")
+    for key in rows[0] if rows else ():
+        table.add_column(key if key != "est_s" else "est. time", no_wrap=key == "cell")
+    for r in rows:
+        table.add_row(*[fmt_s(v) if k == "est_s" else str(v) for k, v in r.items()])
+    out.print(table)
+    if rate is None:
+        out.print(f"estimated time: unknown at the {plan.scale} scale (no reference run); "
+                  f"{sum(c.cost for c in plan.cells):.0f} cost units in all", soft_wrap=True)
+    else:
+        total = sum(r["est_s"] for r in rows)
+        out.print(f"estimated time: {fmt_s(total)} of jobs; {fmt_s(makespan([r['est_s'] for r in rows], workers))} "
+                  f"wall with {workers} worker(s) (one job per core on the 2-core reference machine; start-up of "
+                  "the proxy model's warm start not included)", soft_wrap=True)
+    out.print("dry run: nothing written (no ledger, no MLflow run, no folder)")
+
+
+def utilisation(intervals: Iterable[tuple[datetime | None, datetime | None]], since: datetime, until: datetime,
+                workers: int) -> float | None:
+    """Busy worker-seconds / (workers x wall time) over [since, until], from the attempts' start and end times."""
+    wall = (until - since).total_seconds()
+    if workers < 1 or wall <= 0:
+        return None
+    busy = 0.0
+    for start, end in intervals:
+        if start is None:
+            continue
+        lo, hi = max(start, since), min(end or until, until)
+        busy += max((hi - lo).total_seconds(), 0.0)
+    return busy / (workers * wall)
+
