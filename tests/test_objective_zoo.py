@@ -163,6 +163,8 @@ def test_paper_defaults_are_filled_in_and_explicit_knobs_kept():
                                                                    "objective 'grpo'"),
     (["objective=sapo", "trl.loss_type=sapo"], "trl.loss_type='sapo': allowed: one of grpo, bnpo, dr_grpo, dapo"),
     (["objective=clip"], "unknown objective 'clip'; choose one of ['cfpo', 'cispo', 'clip-higher',"),
+    (["objective=cispo", "trl.epsilon_high=0.28"], "trl.epsilon_high=0.28: allowed for objective 'cispo': a cap "
+                                                   "on r of 1 or more"),
     (["objective=sapo", "trl.sapo_temperature_neg=-1"], "trl.sapo_temperature_neg=-1.0: allowed: a finite number > 0"),
 ])
 def test_knobs_an_objective_does_not_use_are_refused(override, message):

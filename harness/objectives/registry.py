@@ -61,6 +61,8 @@ class Objective:
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # knob -> paper default (None: TRL's)
     sequence_level: bool = False  # one ratio per sequence: exp(mean_t log r) over its completion tokens
     source: str = ""  # arXiv id of the paper the formula and defaults come from
+    # knob -> (check, what is allowed): ranges that hold for this objective only (general ones: harness.checks)
+    rules: Mapping[str, tuple[Callable[[Any], bool], str]] = dataclasses.field(default_factory=dict)
 
     @property
     def has_trust_region(self) -> bool:
@@ -71,7 +73,9 @@ OBJECTIVES: dict[str, Objective] = {}
 
 
 def register_objective(name: str, *, stock_trl: bool = False, knobs: Mapping[str, Any] | None = None,
-                       sequence_level: bool = False, source: str = "") -> Callable[[ObjectiveFn], ObjectiveFn]:
+                       sequence_level: bool = False, source: str = "",
+                       rules: Mapping[str, tuple[Callable[[Any], bool], str]] | None = None,
+                       ) -> Callable[[ObjectiveFn], ObjectiveFn]:
     unknown = set(knobs or {}) - set(OBJECTIVE_KNOBS)
     if unknown:
         raise ValueError(f"objective {name!r}: knobs {sorted(unknown)} are not objective knobs {OBJECTIVE_KNOBS}")
@@ -79,7 +83,7 @@ def register_objective(name: str, *, stock_trl: bool = False, knobs: Mapping[str
     def wrap(fn: ObjectiveFn) -> ObjectiveFn:
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = Objective(name, fn, stock_trl, dict(knobs or {}), sequence_level, source)
+        OBJECTIVES[name] = Objective(name, fn, stock_trl, dict(knobs or {}), sequence_level, source, dict(rules or {}))
         return fn
 
     return wrap
@@ -99,8 +103,11 @@ def resolve_knobs(name: str, trl: dict[str, Any]) -> dict[str, Any]:
         if key in OBJECTIVE_KNOBS and key not in objective.knobs:
             allowed = ", ".join(f"trl.{k}" for k in objective.knobs) or "none"
             raise ValueError(f"trl.{key} is not used by objective {name!r}; its knobs: {allowed}")
-    defaults = {k: v for k, v in objective.knobs.items() if v is not None and k not in trl}
-    return {**trl, **defaults}
+    resolved = {**trl, **{k: v for k, v in objective.knobs.items() if v is not None and k not in trl}}
+    for key, (check, allowed) in objective.rules.items():
+        if key in resolved and not check(resolved[key]):
+            raise ValueError(f"trl.{key}={resolved[key]!r}: allowed for objective {name!r}: {allowed}")
+    return resolved
 
 
 def clamped_ratio(log_ratio: torch.Tensor) -> torch.Tensor:

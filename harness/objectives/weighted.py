@@ -6,7 +6,9 @@ import torch
 from harness.objectives.registry import Knobs, ObjectiveTerms, Tokens, clamped_ratio, register_objective
 
 
-@register_objective("cispo", knobs={"epsilon_high": 5.0}, source="2506.13585")
+@register_objective("cispo", knobs={"epsilon_high": 5.0}, source="2506.13585", rules={"epsilon_high": (
+    lambda v: isinstance(v, (int, float)) and v >= 1, "a cap on r of 1 or more (TRL's cispo reads epsilon_high as "
+    "the cap itself, not a half-width: below 1 it shrinks every token's weight)")})
 def clipped_is_weight(x: Tokens, k: Knobs) -> ObjectiveTerms:
     """CISPO (MiniMax-M1): J = sg(min(r, eps_max)) A log pi. The weight is truncated, never the gradient: every
     token keeps A grad log pi, scaled by its (capped) ratio. At r = 1 it is the policy gradient.
