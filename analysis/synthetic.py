@@ -2,7 +2,8 @@
 
 `log_run` writes one run exactly as the contract says (tags, the steps-per-batch param, metrics by optimizer
 step); `make_study` fills an experiment with a plausible grid in which GRPO collapses under high
-reuse (batch_ratio x iterations) and CFPO does not, plus one failed and one running cell.
+reuse (batch_ratio x iterations) and CFPO does not, plus one failed and one running cell (or, with
+`cells`, a ladder of cells such as (1,1), (4,4), (8,8): the many-objective figure tests).
 """
 from __future__ import annotations
 
@@ -109,24 +110,27 @@ def synthetic_curves(objective: str, batch_ratio: int, iterations: int, seed: in
 def make_study(tracking_uri: str, study: str = "synthetic", scale: str = "proxy", *,
                objectives: Sequence[str] = ("grpo", "cfpo"), batch_ratios: Sequence[int] = (1, 2, 4),
                iterations: Sequence[int] = (1, 2, 4), seeds: Sequence[int] = (0, 1, 2),
-               rollout_batches: int = 50, eval_every: int = 5) -> str:
-    """Fill experiment study/scale with a full grid plus one failed and one running cell; returns its id."""
+               rollout_batches: int = 50, eval_every: int = 5,
+               cells: Sequence[tuple[int, int]] | None = None) -> str:
+    """Fill experiment study/scale with a full grid plus one failed and one running cell; returns its id.
+
+    cells: the (batch_ratio, iterations) pairs to run instead of the full batch_ratios x iterations grid."""
     client = MlflowClient(tracking_uri)
     experiment_id = client.create_experiment(experiment_name(study, scale))
     parent = sweep_parent(client, experiment_id, study, scale)
     common = dict(study=study, scale=scale, parent_run_id=parent)
+    cells = list(cells) if cells is not None else [(b, i) for b in batch_ratios for i in iterations]
+    params = {"rollout_batches": str(rollout_batches), "eval_every": str(eval_every), "val_prompts": "256"}
     for objective in objectives:
-        for b in batch_ratios:
-            for i in iterations:
-                for s in seeds:
-                    metrics, status = synthetic_curves(objective, b, i, s, rollout_batches, eval_every)
-                    log_run(client, experiment_id, objective=objective, batch_ratio=b, iterations=i, seed=s,
-                            metrics=metrics, status=status, params={"rollout_batches": str(rollout_batches),
-                                                                    "eval_every": str(eval_every),
-                                                                    "val_prompts": "256"}, **common)
+        for b, i in cells:
+            for s in seeds:
+                metrics, status = synthetic_curves(objective, b, i, s, rollout_batches, eval_every)
+                log_run(client, experiment_id, objective=objective, batch_ratio=b, iterations=i, seed=s,
+                        metrics=metrics, status=status, params=params, **common)
     extra_seed = max(seeds) + 1
-    log_run(client, experiment_id, objective=objectives[0], batch_ratio=batch_ratios[0], iterations=iterations[0],
+    b0, i0 = cells[0]
+    log_run(client, experiment_id, objective=objectives[0], batch_ratio=b0, iterations=i0,
             seed=extra_seed, metrics={"reward": {1: 0.3}}, status="failed", **common)
-    log_run(client, experiment_id, objective=objectives[-1], batch_ratio=batch_ratios[0],
-            iterations=iterations[0], seed=extra_seed, metrics={"reward": {1: 0.3}}, status="running", **common)
+    log_run(client, experiment_id, objective=objectives[-1], batch_ratio=b0,
+            iterations=i0, seed=extra_seed, metrics={"reward": {1: 0.3}}, status="running", **common)
     return experiment_id
