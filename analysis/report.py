@@ -55,9 +55,9 @@ def method_lines(summaries: pd.DataFrame, baseline: str | None, measures: list[s
              f"interval ({BOOTSTRAP_RESAMPLES} resamples of seeds within cells, seed {BOOTSTRAP_SEED}, "
              "scipy.stats.bootstrap). The percentile bootstrap only reshuffles the seeds it has and runs narrow "
              "with few seeds, so an aggregate difference is claimed only when both intervals exclude "
-             "no-difference and the exact sign-flip (paired randomization) test of the pooled pairs gives "
-             "p < 0.05; with n pairs its smallest attainable p is 2/2^n, so 6 pairs are the least that can show "
-             "anything.",
+             "no-difference and the exact sign-flip (paired randomization) test of the mean of the pooled pairs "
+             "gives p < 0.05; with n pairs its smallest attainable p is 2/2^n (all pairs of one sign), so 6 pairs "
+             "are the least that can show anything.",
              f"- Measures: {', '.join(MEASURE_LABELS[m] for m in measures)}. Scoring covers the full budget: a "
              "diverged run counts 0 from its divergence on (its curve falls linearly from its last evaluation to "
              f"0 at the divergence); \"last 3 evals\" is the mean of the last {LAST_K} scheduled evaluations; the "

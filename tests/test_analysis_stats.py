@@ -94,14 +94,15 @@ def test_paired_effect_hidden_under_seed_spread_is_found():
 
 
 def test_sign_flip_test_exact_values():
-    # all 2^3 sign patterns of (1, 2, 3): |IQM| >= the observed one for (+,+,+) and (-,-,-) only
+    # all 2^3 sign patterns of (1, 2, 3): |mean| >= the observed one for (+,+,+) and (-,-,-) only
     assert sign_flip_test(np.array([1.0, 2.0, 3.0])) == pytest.approx((0.25, 0.25))
     assert sign_flip_test(np.zeros(4)) == (1.0, 1.0)
     assert sign_flip_test(np.array([0.3])) == (1.0, 1.0)  # a single pair: nothing to test
-    # 7 positive pairs: the IQM trims one value per end, so flipping the smallest (trimmed) one ties the
-    # observed statistic too: 4 of the 2^7 patterns, against the floor 2 / 2^7
-    p, floor = sign_flip_test(np.array([0.5, 0.4, 0.6, 0.55, 0.45, 0.5, 0.52]))
-    assert p == pytest.approx(4 / 2 ** 7) and floor == pytest.approx(2 / 2 ** 7)
+    # 6 positive pairs reach the floor 2 / 2^6 < 5% (an IQM statistic would not: flipping a trimmed value ties it)
+    p, floor = sign_flip_test(np.array([0.5, 0.4, 0.6, 0.55, 0.45, 0.52]))
+    assert p == pytest.approx(2 / 2 ** 6) == floor
+    # (1, 2, 3, -0.5): |mean| = 1.375; flips reaching it: none of (1, 2, 3) flipped, -0.5 either way -> 4 of 16
+    assert sign_flip_test(np.array([1.0, 2.0, 3.0, -0.5]))[0] == pytest.approx(4 / 16)
 
 
 def test_three_positive_pairs_are_not_called_a_difference():
