@@ -1,9 +1,9 @@
 """What a sweep will cost before it runs (`sweep --dry-run`), and how busy its workers were after (utilisation).
 
-Cost model: a cell's run time is about start-up plus optimizer steps (spec.Cell.cost, in units of one proxy
-optimizer step); SECONDS_PER_UNIT converts units to seconds on the reference machine of each scale. The total is
-the makespan of the order workers really take cells in (the plan's: heaviest first within each seed), each
-worker taking the next queued cell the moment it is free.
+Cost model: a cell's run time is a start-up plus a time proportional to spec.Cell.cost (rollout batches x
+(8 + optimizer steps per rollout batch)); SECONDS maps a scale to (start-up s, s per cost unit) on its reference
+machine. The total is the makespan of the order workers really take cells in (the plan's: heaviest first within
+each seed), each worker taking the next queued cell the moment it is free.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from harness.config import shape_of
 from harness.sweep.display import _fmt_s as fmt_s
 from harness.sweep.spec import Cell, Plan
 
-# Seconds per cost unit with one job per core on the 2-core reference machine (the objective zoo's proxy sweep:
-# 72 cells, docs in the sweep's published report). Paper scale: no reference run yet, so no estimate.
-SECONDS_PER_UNIT: dict[str, float | None] = {"proxy": 0.09, "paper": None}
+# Fitted on the objective zoo's proxy sweep (72 cells, 2 workers on the 2-core reference machine): medians of
+# 22 s, 37 s and 65 s at costs 54, 144 and 432 (the (4,4) cells run 12% above the line: larger micro-batches).
+# Paper scale: no reference run yet, so no estimate.
+SECONDS: dict[str, tuple[float, float] | None] = {"proxy": (16.0, 0.113), "paper": None}
 
 
 def makespan(durations: Iterable[float], workers: int) -> float:
@@ -29,7 +30,7 @@ def makespan(durations: Iterable[float], workers: int) -> float:
     return max(free)
 
 
-def cell_row(cell: Cell, seconds_per_unit: float | None) -> dict[str, Any]:
+def cell_row(cell: Cell, seconds: tuple[float, float] | None) -> dict[str, Any]:
     cfg = cell.config
     shape = shape_of(cfg)
     knobs = {k: v for k, v in cfg.trl.items() if k in ("epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
@@ -38,14 +39,14 @@ def cell_row(cell: Cell, seconds_per_unit: float | None) -> dict[str, Any]:
             "micro-batch": shape.per_device_train_batch_size, "steps_per_generation": shape.steps_per_generation,
             "gradient_accumulation_steps": shape.gradient_accumulation_steps, "num_iterations": shape.num_iterations,
             "optimizer steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
-            "est_s": cell.cost * seconds_per_unit if seconds_per_unit else None}
+            "est_s": seconds[0] + seconds[1] * cell.cost if seconds else None}
 
 
 def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
     """The cells a sweep would run, how each maps onto TRL, and what it would cost; writes nothing."""
     from rich.table import Table
 
-    rate = SECONDS_PER_UNIT.get(plan.scale)
+    rate = SECONDS.get(plan.scale)
     rows = [cell_row(c, rate) for c in plan.cells]
     table = Table(title=f"{plan.experiment}: {len(rows)} cells, in the order workers take them")
     for key in rows[0] if rows else ():
