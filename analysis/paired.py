@@ -160,8 +160,9 @@ def control(paired_rows: pd.DataFrame) -> Control:
     bad = on[np.array([not np.all(np.asarray(d) == 0) for d in on["diffs"]], bool)]
     pairs = int(on.groupby(["objective"])["n"].max().sum())
     if bad.empty:
+        *names, last = sorted(set(on["objective"]) | set(on["baseline"]))
         return Control("passed", f"on the on-policy cell every paired difference between "
-                       f"{', '.join(sorted(set(on['objective']) | set(on['baseline'])))} is exactly 0 "
+                       f"{', '.join(names)} and {last} is exactly 0 "
                        f"({pairs} seed pairs, measures {', '.join(sorted(set(on['measure'])))}), as it must be.")
     worst = bad.loc[bad["mean_diff"].abs().idxmax()]
     return Control("FAILED", f"on the on-policy cell {len(bad)} paired comparisons are not exactly 0 (largest: "
