@@ -18,6 +18,11 @@ from harness.objectives import SHARED_LOSS_TYPES, Knobs, Objective, Tokens
 from harness.objectives.registry import PPO_EPSILON
 
 
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, 1): the mean over each completion's tokens (a sequence-level objective's log-ratio)."""
+    return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
 class HarnessGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, objective: Objective, **kwargs):
         super().__init__(*args, **kwargs)
@@ -106,7 +111,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         old = per_token_logps.detach() if old is None else old
         log_ratio = per_token_logps - old
         if self.objective.sequence_level:
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+            log_ratio = sequence_mean(log_ratio, mask)
 
         terms = self.objective.fn(Tokens(log_ratio, advantages, per_token_logps), self.knobs())
         per_token_loss = terms.per_token_loss
@@ -184,11 +189,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         m["rollout/ratio_measured"].append(0.0 if old is None else 1.0)
         log_ratio = torch.zeros_like(per_token_logps) if old is None else per_token_logps - old
-        if self.objective.sequence_level:
-            seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-            coef = torch.exp(seq)
-        else:
-            coef = torch.exp(log_ratio)
+        coef = torch.exp(sequence_mean(log_ratio, mask) if self.objective.sequence_level else log_ratio)
         r = torch.exp(log_ratio)
         gmm = lambda x: self._global_masked_mean(x, mask)  # noqa: E731
         m["ratio/mean"].append(gmm(r))

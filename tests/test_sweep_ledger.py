@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from harness.cli import main
-from harness.sweep.ledger import Ledger, open_storage, pid_alive
+from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.processes import pid_alive
 from harness.sweep.spec import load_spec, make_plan
 
 FAKE_JOB = r'''

@@ -28,7 +28,7 @@ def console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def _fmt_s(s: float | None) -> str:
+def fmt_s(s: float | None) -> str:
     if s is None:
         return "-"
     s = int(s)
@@ -85,7 +85,7 @@ class SweepView:
         eta = eta_s(self.cells, min(self.workers or 1, max(self.count("running", "queued"), 1)))
         return (f"{self.count(*DONE)}/{self.total} done ({self.count('diverged')} diverged), "
                 f"{self.count('running')} running, {self.count('queued')} queued, "
-                f"{self.count('failed', 'interrupted')} failed, ETA {_fmt_s(eta) if eta is not None else '?'}")
+                f"{self.count('failed', 'interrupted')} failed, ETA {fmt_s(eta) if eta is not None else '?'}")
 
     def render(self) -> Group:
         head = Table.grid(padding=(0, 1))
@@ -93,7 +93,7 @@ class SweepView:
                      Text(self.summary()))
         parts: list[Any] = [Text(self.title, style="bold"), head]
         now = time.time()
-        rows = [(_axes_text(c.axes), c.hash, str(c.attempt), _fmt_s(now - (c.started or now)),
+        rows = [(_axes_text(c.axes), c.hash, str(c.attempt), fmt_s(now - (c.started or now)),
                  (c.worker or "?") + (" (stale)" if c.stale else "")) for c in self.cells if c.state == "running"]
         if rows:
             running = Table(box=None, header_style="dim", pad_edge=False)
@@ -116,7 +116,7 @@ class SweepView:
             extra = f" val/reward={o['val_reward']:.3f}" if o.get("val_reward") is not None else ""
             err = o.get("error") or t.user_attrs.get(REAPED)
             self.out.print(f"[{self.count(*DONE, 'failed')}/{self.total}] {state} {t.user_attrs[CELL]} attempt "
-                           f"{t.user_attrs[ATTEMPT]} {_axes_text(t.user_attrs[AXES])} {_fmt_s(o.get('duration_s'))}"
+                           f"{t.user_attrs[ATTEMPT]} {_axes_text(t.user_attrs[AXES])} {fmt_s(o.get('duration_s'))}"
                            f"{extra}" + (f" ({err})" if err else ""), highlight=False, soft_wrap=True, markup=False)
 
 
@@ -137,7 +137,7 @@ def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
         dur = c.duration_s if c.state != "running" else now - (c.started or now)
         state = c.state + (" (stale)" if c.stale else "")
         note = c.log if c.state == "running" else c.error if c.state != "complete" else ""
-        table.add_row(c.hash, *[str(c.axes.get(k, "")) for k in keys], state, str(c.attempt), _fmt_s(dur),
+        table.add_row(c.hash, *[str(c.axes.get(k, "")) for k in keys], state, str(c.attempt), fmt_s(dur),
                       f"{val:.3f}" if val is not None else "-", (note or "")[:80])
     return table
 

@@ -22,8 +22,7 @@ from harness.config import ConfigError
 from harness.launch import check_gpus, gpu_slots, visible_gpus
 from harness.sweep import adopt, runs
 from harness.sweep.claim import ClaimTaken, DriverClaim
-from harness.sweep.display import SweepView, console
-from harness.sweep.display import _fmt_s as fmt_s
+from harness.sweep.display import SweepView, console, fmt_s
 from harness.sweep.estimate import utilisation
 from harness.sweep.ledger import (
     ATTEMPT,
@@ -41,8 +40,8 @@ from harness.sweep.ledger import (
     Ledger,
     check_storage,
     open_storage,
-    pid_start,
 )
+from harness.sweep.processes import pid_start
 from harness.sweep.spec import Plan
 from harness.sweep.worker import GRACE_S, WorkerOptions, run_worker, spawn_worker
 
@@ -165,10 +164,11 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
                   "start does it", soft_wrap=True)
     ledger.set_attr(DRIVER, None)
     claim.release()
-    busy = utilisation(((t.datetime_start, t.datetime_complete) for t in ledger.trials()), started, datetime.now(),
+    ended = datetime.now()
+    busy = utilisation(((t.datetime_start, t.datetime_complete) for t in ledger.trials()), started, ended,
                        opts.workers if opts.launcher == "local" else 0)
-    busy_text = f"; worker utilisation {busy:.0%} of {opts.workers} x {fmt_s(time.time() - started.timestamp())}" \
-        if busy is not None else ""
+    busy_text = (f"; worker utilisation {busy:.0%} of {opts.workers} x {fmt_s((ended - started).total_seconds())}"
+                 if busy is not None else "")
     out.print(f"sweep {plan.experiment}: {view.summary()}{busy_text}; results in {sweep_dir}; MLflow experiment "
               f"{plan.experiment!r}, parent run {parent}", soft_wrap=True)
     for c in view.cells:

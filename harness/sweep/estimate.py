@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from harness.config import shape_of
-from harness.sweep.display import _fmt_s as fmt_s
+from harness.objectives.registry import OBJECTIVE_KNOBS
+from harness.sweep.display import fmt_s
 from harness.sweep.spec import Cell, Plan
 
 # Fitted on the objective zoo's proxy sweep (72 cells, 2 workers on the 2-core reference machine): medians of
@@ -33,8 +34,7 @@ def makespan(durations: Iterable[float], workers: int) -> float:
 def cell_row(cell: Cell, seconds: tuple[float, float] | None) -> dict[str, Any]:
     cfg = cell.config
     shape = shape_of(cfg)
-    knobs = {k: v for k, v in cfg.trl.items() if k in ("epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
-                                                         "sapo_temperature_neg")}
+    knobs = {k: v for k, v in cfg.trl.items() if k in OBJECTIVE_KNOBS}
     return {"cell": cell.hash, "axes": cell.label(), "objective knobs": " ".join(f"{k}={v}" for k, v in knobs.items()),
             "micro-batch": shape.per_device_train_batch_size, "steps_per_generation": shape.steps_per_generation,
             "gradient_accumulation_steps": shape.gradient_accumulation_steps, "num_iterations": shape.num_iterations,

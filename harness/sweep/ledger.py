@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import ConfigError
 from harness.sweep.adopt import Verdict
+from harness.sweep.processes import pid_alive, pid_start
 
 CELL = "harness.cell"            # config hash; present on every trial the sweep enqueued
 AXES = "harness.axes"            # axis values of the cell (seed included)
@@ -95,29 +96,6 @@ def sqlalchemy_url(url: str) -> str:
     if scheme == "postgresql" and importlib.util.find_spec("psycopg2") is not None:
         return f"postgresql+psycopg2{sep}{rest}"
     return url
-
-
-def pid_start(pid: int) -> str | None:
-    """Start time of a process (Linux), so a recycled PID is not mistaken for the worker that owned a cell."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else fields[19]  # a zombie has exited
-
-
-def pid_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if Path("/proc").is_dir():
-        now = pid_start(pid)
-        return now is not None and (start is None or now == start)
-    return True
 
 
 @dataclasses.dataclass

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from harness import tracking
 from harness.sweep.adopt import USABLE
-from harness.sweep.ledger import HOST, Ledger, pid_start
+from harness.sweep.ledger import HOST, Ledger
+from harness.sweep.processes import pid_start
 from harness.sweep.spec import Plan
 
 

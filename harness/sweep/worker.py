@@ -16,7 +16,6 @@ devices with CUDA_VISIBLE_DEVICES; without, its jobs see what the worker sees (a
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +46,8 @@ from harness.sweep.ledger import (
     PARENT_RUN,
     Ledger,
     open_storage,
-    pid_start,
 )
+from harness.sweep.processes import die_with_parent, job_env, pid_start, signal_group
 from harness.sweep.watchdog import Watchdog
 from harness.tracking import PROGRESS_ENV, tracking_uri, unreachable
 
@@ -247,9 +245,9 @@ class Worker:
                     if timed_out:
                         log.warning("cell %s attempt %d: %s; stopping its job", cell, attempt, timed_out)
                     stopped_at = time.time()
-                    _signal_group(proc, signal.SIGTERM)
+                    signal_group(proc, signal.SIGTERM)
             elif time.time() - stopped_at > GRACE_S:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
         beat.stop()
         duration = round(time.time() - t0, 1)
         # The job's own result decides, whatever the exit code: a kill can land after the result was written
@@ -335,41 +333,6 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join()
-
-
-def job_env(gpus: tuple[str, ...] | None = None) -> dict[str, str]:
-    # MLflow store: the job's own default ($MLFLOW_TRACKING_URI, else under $HARNESS_RESULTS), as the driver's.
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    if not env.get("CUDA_VISIBLE_DEVICES"):
-        # CPU jobs run side by side, one per core: extra BLAS/OpenMP threads would only contend.
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("MKL_NUM_THREADS", "1")
-    return env
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """preexec_fn asking Linux to send `sig` to the child when this process dies (even by SIGKILL)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork and exec does the minimum
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _last_line(log_path: Path) -> str:
