@@ -16,22 +16,27 @@ log = logging.getLogger(__name__)
 
 
 class MLflowMetrics(TrainerCallback):
-    """Sends every optimizer step's logs (TRL's and the harness's metrics) to the job's MLflow run.
+    """Sends every optimizer step's logs (TRL's and the harness's metrics) to the job's MLflow run, stored once
+    per rollout batch (every `flush_every` steps) and at the end, off the per-step path (harness.tracking).
 
     `grad_norm` is HF's total norm before clipping; `grad_clipped` says whether `max_grad_norm` acted.
     """
 
-    def __init__(self, logger: RunLogger, max_grad_norm: float | None):
+    def __init__(self, logger: RunLogger, max_grad_norm: float | None, flush_every: int = 1):
         self.logger = logger
         self.max_grad_norm = max_grad_norm
+        self.flush_every = flush_every
         self.last: dict[str, float] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "grad_norm" in metrics and self.max_grad_norm:
             metrics["grad_clipped"] = float(metrics["grad_norm"] > self.max_grad_norm)
-        self.logger.log_metrics(metrics, step=state.global_step)
+        self.logger.log_metrics(metrics, step=state.global_step, flush=state.global_step % self.flush_every == 0)
         self.last.update(metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.logger.flush()
 
 
 class DivergenceGuard(TrainerCallback):

@@ -161,7 +161,7 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     chat = cfg.model != "proxy" and tokenizer.chat_template is not None  # real models: their chat template
     guard = DivergenceGuard()
-    metrics = MLflowMetrics(logger, args.max_grad_norm)
+    metrics = MLflowMetrics(logger, args.max_grad_norm, flush_every=shape.optimizer_steps_per_rollout_batch)
     validation = GreedyValidation(logger, task, task.val_rows(cfg.val_prompts),
                                   every_steps=cfg.eval_every * shape.optimizer_steps_per_rollout_batch,
                                   max_new_tokens=args.max_completion_length, guard=guard, chat=chat)

@@ -1,8 +1,10 @@
 """MLflow: where the store is, how a job's run is created, tagged and fed metrics.
 
 The harness talks to MLflow through `MlflowClient` with explicit run ids and synchronous `log_batch` calls:
-nothing depends on a process-global active run, and every metric is stored before `log_batch` returns, so a
-crash or a SIGKILL loses at most the step in flight.
+nothing depends on a process-global active run. Per-step metrics are buffered and stored in one call per rollout
+batch (harness.callbacks.MLflowMetrics), at every evaluation, before any tag or status is written and on
+SIGTERM (which unwinds through RunLogger.finish); a SIGKILL loses at most the rollout batch in flight, and a killed
+run is never a result. A synchronous call per optimizer step cost about 18% of a proxy cell's training loop.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ class RunLogger:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        self._pending: list[Any] = []
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -155,14 +158,21 @@ class RunLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
+        self.flush()  # a status tag never gets ahead of the metrics it describes
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int, flush: bool = True) -> None:
+        """Record one step's metrics (timestamped now); stored at once, or with the next flush."""
         ts = _now_ms()
         from mlflow.entities import Metric
 
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
-        for i in range(0, len(items), 1000):
+        self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        items, self._pending = self._pending, []
+        for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
         if items and PROGRESS_ENV in os.environ:  # the sweep worker's stall detector watches this file's mtime
             Path(os.environ[PROGRESS_ENV]).touch()
@@ -172,6 +182,7 @@ class RunLogger:
 
     def finish(self, status: str) -> None:
         """status: MLflow's FINISHED / FAILED / KILLED."""
+        self.flush()
         self.client.set_terminated(self.run_id, status)
 
 
@@ -187,7 +198,10 @@ class SilentRunLogger(RunLogger):
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int, flush: bool = True) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def log_artifact(self, path: Path) -> None:

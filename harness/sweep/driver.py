@@ -64,6 +64,7 @@ class SweepOptions:
     partition: str | None = None
     cell_timeout_min: float | None = None   # None: the scale's (spec), see harness.sweep.watchdog
     stall_timeout_min: float | None = None
+    job_start: str = "fork"                 # harness.sweep.forkserver: fork or exec single-process CPU jobs
 
     def check(self) -> None:
         if self.workers < 0:
@@ -251,7 +252,7 @@ class _Launcher:
 
     def worker_options(self, name: str, gpus: tuple[str, ...] | None = None) -> WorkerOptions:
         return WorkerOptions(storage=self.storage, study=self.plan.study, scale=self.plan.scale,
-                             results=str(self.results), name=name, gpus=gpus)
+                             results=str(self.results), name=name, gpus=gpus, job_start=self.opts.job_start)
 
     def start(self) -> None:
         if self.opts.workers == 0:

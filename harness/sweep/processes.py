@@ -48,6 +48,11 @@ def job_env(gpus: tuple[str, ...] | None = None) -> dict[str, str]:
     return env
 
 
+def has_nvidia_devices() -> bool:
+    """Whether this machine has NVIDIA GPUs (their device files), without importing torch or touching CUDA."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
     """preexec_fn asking Linux to send `sig` to the child when this process dies (even by SIGKILL)."""
     if not sys.platform.startswith("linux"):

@@ -33,7 +33,7 @@ import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.launch import job_command
+from harness.launch import job_command, train_command
 from harness.sweep import adopt
 from harness.sweep.ledger import (
     ATTEMPT,
@@ -47,7 +47,8 @@ from harness.sweep.ledger import (
     Ledger,
     open_storage,
 )
-from harness.sweep.processes import die_with_parent, job_env, pid_start, signal_group
+from harness.sweep.forkserver import Forkserver
+from harness.sweep.processes import die_with_parent, has_nvidia_devices, job_env, pid_start, signal_group
 from harness.sweep.watchdog import Watchdog
 from harness.tracking import PROGRESS_ENV, tracking_uri, unreachable
 
@@ -67,6 +68,7 @@ class WorkerOptions:
     name: str
     poll_s: float = 1.0
     gpus: tuple[str, ...] | None = None  # devices of this worker's jobs (CUDA_VISIBLE_DEVICES); None: inherited
+    job_start: str = "fork"  # fork single-process CPU jobs from a preloaded forkserver, or exec every job
 
     @property
     def study_name(self) -> str:
@@ -94,7 +96,7 @@ def worker_command(spec: Path, opts: WorkerOptions) -> list[str]:
            "--results-dir", opts.results, "--name", opts.name]
     if opts.gpus is not None:
         cmd += ["--gpus", ",".join(opts.gpus) or "none"]
-    return cmd
+    return [*cmd, "--job-start", opts.job_start]
 
 
 def spawn_worker(spec: Path, opts: WorkerOptions) -> subprocess.Popen:
@@ -145,6 +147,7 @@ class Worker:
         self.opts = opts
         self.ledger = Ledger(open_storage(opts.storage), opts.study_name, create=False)
         self.stop = threading.Event()
+        self.forkserver = Forkserver(job_env(opts.gpus))
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
@@ -218,11 +221,16 @@ class Worker:
 
         t0 = time.time()
         env = {**job_env(self.opts.gpus), PROGRESS_ENV: str(progress)}
+        fork = self._forks(cmd, per_job, cfg)
         with open(log_path, "ab") as out:
-            out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}\n".encode())
+            out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}"
+                      f"{' (forked)' if fork else ''}\n".encode())
             out.flush()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=REPO_ROOT, env=env, start_new_session=True, preexec_fn=die_with_parent())
+            if fork:
+                proc = self.forkserver.start(cmd[len(train_command()) - 1:], log_path, env, REPO_ROOT)
+            else:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=REPO_ROOT, env=env, start_new_session=True, preexec_fn=die_with_parent())
         try:  # a reaper that outlives this worker waits for this process to be gone before judging the attempt
             self.ledger.storage.set_trial_user_attr(trial._trial_id, JOB, {"pid": proc.pid,
                                                                            "pid_start": pid_start(proc.pid)})
@@ -293,6 +301,13 @@ class Worker:
             log.warning("cell %s attempt %d was settled by another process first", cell, attempt)
         log.info("cell %s attempt %d (%s): %s in %.0fs%s", cell, attempt, label, outcome["state"], duration,
                  f" ({outcome['error']})" if outcome.get("error") else "")
+
+    def _forks(self, cmd: list[str], per_job: int, cfg: dict[str, Any]) -> bool:
+        """Whether this job is forked (harness.sweep.forkserver): a plain single-process CPU job only."""
+        on_cpu = cfg.get("device") == "cpu" or (cfg.get("device") == "auto" and not self.opts.gpus
+                                                and not has_nvidia_devices())
+        return (self.opts.job_start == "fork" and per_job == 1 and on_cpu and "HARNESS_TRAIN_CMD" not in os.environ
+                and not (cfg.get("trl") or {}).get("use_vllm") and cmd[:len(train_command())] == train_command())
 
     def _verdict(self, cell: str, attempt: int) -> tuple[adopt.Verdict, str | None]:
         """What the attempt came to; while MLflow cannot be asked, wait for it (unless stopping).
