@@ -9,6 +9,7 @@ run is never a result. A synchronous call per optimizer step cost about 18% of a
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.metadata
 import os
 import subprocess
@@ -102,6 +103,7 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
         return exp.experiment_id
 
 
+@functools.cache  # per process: a forked job reports what its forkserver loaded (harness.sweep.preload)
 def git_state() -> dict[str, str]:
     def git(*args: str) -> str:
         try:

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on a sweep's ledger")
     d.add_argument("name", metavar="NAME", help="sweeps/NAME.yaml, or a path to a sweep spec")
-    d.add_argument("--scale", choices=("auto", "paper", "proxy"), default="auto",
+    d.add_argument("--scale", choices=("auto", "paper", "proxy", "proxy-full"), default="auto",
                    help="auto: the scale whose ledger exists, if only one does; else paper with CUDA, proxy without")
     d.add_argument("--storage", default=None,
                    help="ledger: a journal file path or postgresql://... (default: results/<study>/<scale>/ledger.journal)")

@@ -214,10 +214,29 @@ def test_repo_proxy_scale_uses_the_calibrated_proxy_config():
 
 
 @pytest.mark.parametrize("spec_file", sorted(p.name for p in (REPO / "sweeps").glob("*.yaml")))
-def test_every_repo_spec_is_valid_at_both_scales(spec_file):
+def test_every_repo_spec_is_valid_at_every_scale_it_defines(spec_file):
     spec, path = load_spec(str(REPO / "sweeps" / spec_file))
-    for scale in ("proxy", "paper"):
+    assert {"proxy", "paper"} <= set(spec.scales.defined())
+    for scale in spec.scales.defined():
         assert make_plan(spec, path, scale).cells
+
+
+def test_full_grid_scale_is_the_papers_grid_at_the_proxy_budget(tmp_path, monkeypatch, capsys):
+    """grpo-vs-cfpo's optional proxy-full scale: {grpo, cfpo} x batch ratio {1,2,4,8} x iterations {1,2,4,8} x 3
+    seeds on the proxy's model, task and budget; a sweep without that scale refuses it (exit 2)."""
+    spec, path = load_spec("grpo-vs-cfpo")
+    full, quick = make_plan(spec, path, "proxy-full"), make_plan(spec, path, "proxy")
+    assert len(full.cells) == 96 and full.experiment == "grpo-vs-cfpo/proxy-full"
+    assert {(c.axes["batch_ratio"], c.axes["iterations"]) for c in full.cells} == {
+        (b, i) for b in (1, 2, 4, 8) for i in (1, 2, 4, 8)}
+    q = quick.cells[0].config
+    for c in full.cells:
+        assert (c.config.proxy, c.config.task, c.config.rollout_batches) == (q.proxy, q.task, q.rollout_batches)
+        assert c.config.eval_every == q.eval_every and c.config.val_prompts == q.val_prompts
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
+    assert main(["sweep", "cfpo-grad-clip", "--scale", "proxy-full", "--dry-run"]) == 2
+    assert "scales.proxy-full: not defined in this sweep; allowed: paper, proxy" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
 
 
 def test_joined_axis_is_a_ladder_not_a_product(tmp_path):

@@ -62,7 +62,7 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="sweeps/NAME.yaml, or a path to a sweep spec")
-    p.add_argument("--scale", choices=("auto", "paper", "proxy"), default="auto",
+    p.add_argument("--scale", choices=("auto", "paper", "proxy", "proxy-full"), default="auto",
                    help="auto: paper when CUDA is available, else proxy")
     p.add_argument("--storage", default=None,
                    help="ledger: a journal file path or postgresql://... "

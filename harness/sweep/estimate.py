@@ -1,9 +1,8 @@
 """What a sweep will cost before it runs (`sweep --dry-run`), and how busy its workers were after (utilisation).
 
-Cost model: a cell's run time is a start-up plus a time proportional to spec.Cell.cost (rollout batches x
-(8 + optimizer steps per rollout batch)); SECONDS maps a scale to (start-up s, s per cost unit) on its reference
-machine. The total is the makespan of the order workers really take cells in (the plan's: heaviest first within
-each seed), each worker taking the next queued cell the moment it is free.
+Cost model: harness.sweep.cost (start-up + s per unit of spec.Cell.cost, reference-machine values per scale).
+The total is the makespan of the order workers really take cells in (the plan's and the queue's: heaviest first),
+each worker taking the next queued cell the moment it is free.
 """
 from __future__ import annotations
 
@@ -14,13 +13,9 @@ from typing import Any
 
 from harness.config import shape_of
 from harness.objectives.registry import OBJECTIVE_KNOBS
+from harness.sweep.cost import SECONDS, predict
 from harness.sweep.display import fmt_s
 from harness.sweep.spec import Cell, Plan
-
-# Fitted on the objective zoo's proxy sweep (72 cells, 2 workers on the 2-core reference machine): medians of
-# 22 s, 37 s and 65 s at costs 54, 144 and 432 (the (4,4) cells run 12% above the line: larger micro-batches).
-# Paper scale: no reference run yet, so no estimate.
-SECONDS: dict[str, tuple[float, float] | None] = {"proxy": (16.0, 0.113), "paper": None}
 
 
 def makespan(durations: Iterable[float], workers: int) -> float:
@@ -39,7 +34,7 @@ def cell_row(cell: Cell, seconds: tuple[float, float] | None) -> dict[str, Any]:
             "micro-batch": shape.per_device_train_batch_size, "steps_per_generation": shape.steps_per_generation,
             "gradient_accumulation_steps": shape.gradient_accumulation_steps, "num_iterations": shape.num_iterations,
             "optimizer steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
-            "est_s": seconds[0] + seconds[1] * cell.cost if seconds else None}
+            "est_s": predict(cell.cost, seconds) if seconds else None}
 
 
 def print_dry_run(plan: Plan, workers: int, out: Any) -> None:

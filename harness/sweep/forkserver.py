@@ -28,11 +28,8 @@ from pathlib import Path
 from harness.sweep.processes import pid_alive, pid_start
 
 JOB_STARTS = ("fork", "exec")
-# What a job imports before its first step (harness.job imports the rest lazily); importing them once here is
-# the point of the forkserver. Import errors are ignored by multiprocessing: the child then imports them itself.
-PRELOAD = ["torch", "transformers", "trl", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-           "harness.cli", "harness.job", "harness.checks", "harness.trainer", "harness.callbacks",
-           "harness.tracking", "harness.tasks", "harness.objectives", "harness.proxy_model", "harness.validation"]
+# Imported once by the forkserver; multiprocessing ignores an ImportError there (the child then imports itself).
+PRELOAD = ["harness.sweep.preload"]
 WATCH_S = 1.0
 
 

@@ -34,6 +34,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import ConfigError
+from harness.sweep import cost
 from harness.sweep.adopt import Verdict
 from harness.sweep.processes import pid_alive, pid_start
 
@@ -41,7 +42,7 @@ CELL = "harness.cell"            # config hash; present on every trial the sweep
 AXES = "harness.axes"            # axis values of the cell (seed included)
 CONFIG = "harness.config"        # the job config, minus output_dir and experiment
 ATTEMPT = "harness.attempt"      # 1-based attempt number of this trial at its cell
-COST = "harness.cost"            # relative run time (spec.Cell.cost), for ETA
+COST = "harness.cost"            # relative run time (spec.Cell.cost), for the queue's order and the ETA
 OWNER = "harness.owner"          # {worker, host, pid, pid_start, log, started} written when a worker claims it
 JOB = "harness.job"              # {pid, pid_start} of the job process (its own process group), once started
 HEARTBEAT = "harness.heartbeat"  # epoch seconds, refreshed by the running worker
@@ -182,13 +183,15 @@ class Ledger:
             user_attrs={CELL: cell, AXES: axes, CONFIG: config, COST: cost, ATTEMPT: attempt})
 
     def pop(self, worker: str, log_for: Callable[[FrozenTrial], Path]) -> FrozenTrial | None:
-        """Claim the first queued attempt (race-free), record its owner; None when the queue is empty.
+        """Claim the queued attempt expected to run longest (race-free), record its owner; None when the queue
+        is empty. Heaviest first (harness.sweep.cost), so the sweep's last minutes are short jobs on every
+        worker, not one long job and idle workers; ties go in queue order (seeds and objectives as planned).
 
         log_for(trial): the attempt's log path, recorded in the owner so `status` can point at it.
         """
         while True:
             claimed = None
-            for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            for t in self._heaviest_first():
                 try:
                     if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                         claimed = t
@@ -211,6 +214,16 @@ class Ledger:
                 self.settle(tid, TrialState.FAIL, {"state": "duplicate"})
                 continue
             return self.storage.get_trial(tid)
+
+    def _heaviest_first(self) -> list[FrozenTrial]:
+        trials = self.trials()
+        history = [cost.Attempt(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)),
+                                (t.user_attrs.get(OUTCOME) or {}).get("duration_s"), t.state == TrialState.COMPLETE)
+                   for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+        scale = self.name.rsplit("/", 1)[-1]
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        return sorted(waiting, key=lambda t: (-cost.expected_seconds(t.user_attrs[CELL], float(
+            t.user_attrs.get(COST, 1.0)), history, scale), t.number))
 
     def heartbeat(self, trial_id: int) -> None:
         """Raises UpdateFinishedTrialError when the attempt was settled by someone else (declared dead)."""

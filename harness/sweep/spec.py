@@ -32,8 +32,7 @@ from harness.config import (
     shape_of,
 )
 
-ScaleName = Literal["paper", "proxy"]
-SCALES: tuple[str, ...] = ("paper", "proxy")
+SCALES: tuple[str, ...] = ("paper", "proxy", "proxy-full")
 
 # Job fields the sweep sets itself; a spec that sets them would be silently overridden, so it is an error.
 SWEEP_MANAGED = {
@@ -46,7 +45,7 @@ NOT_AN_AXIS = {"rollout_batches": "the training budget is fixed per scale, so th
                                   "rollout reuse; set it in base"}
 # (cell time limit, stall limit) in minutes: far above any healthy cell (proxy: about 2 min a cell, the first
 # one building the warm start; paper: hours a cell, vLLM start-up and 500-prompt validations between metrics).
-DEFAULT_LIMITS_MIN = {"paper": (72 * 60.0, 120.0), "proxy": (6 * 60.0, 30.0)}
+DEFAULT_LIMITS_MIN = {"paper": (72 * 60.0, 120.0), "proxy": (6 * 60.0, 30.0), "proxy-full": (6 * 60.0, 30.0)}
 NESTED = {"trl": None, "proxy": ProxyModel}  # sections reachable with dotted keys (trl: any GRPOConfig name)
 
 
@@ -81,11 +80,20 @@ class ScaleSpec(BaseModel):
 
 
 class Scales(BaseModel):
-    """The two scales every sweep defines; `--scale auto` picks paper on a CUDA machine, else proxy."""
+    """The two scales every sweep defines, and an optional third; `--scale auto` picks paper on a CUDA machine,
+    else proxy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     paper: ScaleSpec = Field(description="the real experiment: a Hub model and task on GPUs")
     proxy: ScaleSpec = Field(description="an offline CPU stand-in that finishes in minutes")
+    proxy_full: ScaleSpec | None = Field(None, alias="proxy-full", description="optional: the CPU stand-in over a "
+                                         "larger grid than the default proxy's (`--scale proxy-full`)")
+
+    def get(self, name: str) -> ScaleSpec | None:
+        return getattr(self, name.replace("-", "_"), None)
+
+    def defined(self) -> list[str]:
+        return [n for n in SCALES if self.get(n) is not None]
 
 
 class SweepSpec(BaseModel):
@@ -181,15 +189,18 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
         raise ConfigError(f"{path}: {field}: {msg}") from None
     # Structure of every scale is checked even when only one is resolved.
     _check_section(path, "", spec.base, spec.axes, spec.seeds)
-    for name_ in SCALES:
-        s: ScaleSpec = getattr(spec.scales, name_)
+    for name_ in spec.scales.defined():
+        s: ScaleSpec = spec.scales.get(name_)
         _check_section(path, f"scales.{name_}.", s.base, s.axes, s.seeds)
     return spec, path
 
 
 def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] = ()) -> Plan:
     """Resolve one scale (plus `--set key=value` overrides) into validated cells."""
-    s: ScaleSpec = getattr(spec.scales, scale)
+    s = spec.scales.get(scale)
+    if s is None:
+        raise ConfigError(f"{path}: scales.{scale}: not defined in this sweep; allowed: "
+                          f"{', '.join(spec.scales.defined())}")
     base = deep_merge(_nest(spec.base), _nest(s.base))
     axes = {**spec.axes, **s.axes}
     seeds = list(s.seeds if s.seeds is not None else spec.seeds)
@@ -236,8 +247,9 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
                 raise ConfigError(f"{path}: scales.{scale}: cells {seen[digest]!r} and {label!r} are the same job")
             seen[digest] = label
             cells.append(Cell(hash=digest, axes={**point, "seed": seed}, config=cfg))
-    # Longest jobs first within each seed: N workers finish the grid sooner than in grid order.
-    ordered = sorted(cells, key=lambda c: (seeds.index(c.axes["seed"]), -c.cost))
+    # Heaviest first, then by seed: the order the queue hands cells out in (harness.sweep.cost), so N workers
+    # end the grid on short jobs together; a cell's objectives, of equal cost, run side by side.
+    ordered = sorted(cells, key=lambda c: (-c.cost, seeds.index(c.axes["seed"])))
     limit, stall = DEFAULT_LIMITS_MIN[scale]
     return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered,
                 gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed,
@@ -248,7 +260,7 @@ def check_other_scales(spec: SweepSpec, path: Path, selected: str) -> list[str]:
     """Validate the scales not being run (without --set): both are one experiment, so a broken paper grid is
     worth knowing about before a proxy run. A task not registered on this machine is only a warning."""
     warnings = []
-    for name in SCALES:
+    for name in spec.scales.defined():
         if name == selected:
             continue
         try:
