@@ -35,7 +35,7 @@ def start_parent(client: MlflowClient, experiment_id: str, plan: Plan, options: 
     params = {"spec": str(plan.spec_path), "scale": plan.scale, "cells": str(len(plan.cells)),
               "rollout_batches": str(plan.base["rollout_batches"]), "seeds": json.dumps(plan.seeds),
               "axes": json.dumps(plan.axes)[:6000],
-              "scale_description": getattr(plan.spec.scales, plan.scale).description,
+              "scale_description": plan.spec.scales.get(plan.scale).description,
               **{k: str(v) for k, v in options.items()}}
     for k, v in params.items():
         client.log_param(run.info.run_id, k, v)
