@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from harness.sweep.cost import Attempt, expected_seconds, fit
+from harness.sweep.cost import SECONDS, Attempt, cell_cost, expected_seconds, fit, predict
 from harness.sweep.ledger import Ledger, open_storage
 from harness.sweep.spec import load_spec, make_plan
 
@@ -38,7 +38,7 @@ def test_an_earlier_attempts_observed_time_outranks_the_model(tmp_path):
     ledger.requeue("slow", settling=t2, failed=True)
     ledger.settle(t2._trial_id, TrialState.FAIL, {"state": "timeout", "duration_s": 900.0})
     ledger.enqueue("other", {"cell": "other"}, {}, 300.0, attempt=1)
-    # proxy reference model: 300 units ~ 5 + 0.095 * 300 = 33.5 s < 900 s observed
+    assert predict(300.0, SECONDS["proxy"]) < 900.0  # the model's guess for "other" is below what "slow" ran
     assert _pop(ledger, tmp_path) == "slow"
     assert _pop(ledger, tmp_path) == "other"
 
@@ -51,6 +51,13 @@ def test_fit_follows_the_machine_and_refuses_what_it_cannot_fit():
     assert expected_seconds("x", 200.0, done, "proxy") == pytest.approx(25.0)
     assert expected_seconds("x", 200.0, [], "paper") == 200.0  # no reference, no history: cost units, order only
     assert expected_seconds("c", 200.0, done, "proxy") == pytest.approx(25.0)  # its 1 s crash is a lower bound
+
+
+def test_cost_counts_passes_not_steps():
+    """(1, 8) does 8 full passes over each rollout batch, as (8, 8) does; (8, 1) does one, in 8 smaller steps."""
+    assert cell_cost(30, 8, 8) > cell_cost(30, 1, 8) > 4 * cell_cost(30, 8, 1) / 2
+    assert cell_cost(30, 1, 8) / cell_cost(30, 8, 8) > 0.8
+    assert cell_cost(60, 2, 2) == 2 * cell_cost(30, 2, 2)
 
 
 def test_plan_order_is_the_queue_order():

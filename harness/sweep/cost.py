@@ -1,7 +1,10 @@
 """What a cell costs in seconds: the model the queue hands cells out by (heaviest first) and the dry run prints.
 
-A cell's run time is a start-up plus a time proportional to spec.Cell.cost (rollout batches x (8 + optimizer
-steps per rollout batch)). Where a sweep has finished cells, the two coefficients are fitted to their observed
+A cell's run time is a start-up plus a time proportional to its cost (cell_cost), in passes over a rollout batch:
+each rollout batch is generated (GEN_PASSES), then trained on for `iterations` passes split into `batch_ratio`
+optimizer steps each (STEP_PASSES per step: optimizer, logging and per-step overhead). The work of a pass does
+not depend on how many steps it is split into, so (1, 8) costs about what (8, 8) does, not what (8, 1) does.
+Where a sweep has finished cells, the two coefficients are fitted to their observed
 durations (least squares), so the model follows the machine it runs on; before that, SECONDS gives the scale's
 reference-machine values, and without those the cost itself is the estimate (order is all the queue needs).
 A cell with earlier attempts (a timeout, a crash, a stopped job) is expected to take at least as long as the
@@ -13,9 +16,13 @@ import dataclasses
 import statistics
 from collections.abc import Iterable, Sequence
 
-# (start-up s, s per cost unit) on the 2-core reference machine, one job per core. Proxy: fitted on the
-# grpo-vs-cfpo full-grid sweep with forked jobs (see the issue-12 note); paper: no reference run yet.
-SECONDS: dict[str, tuple[float, float] | None] = {"proxy": (5.0, 0.095), "proxy-full": (5.0, 0.095), "paper": None}
+# Least squares on the median durations of grpo-vs-cfpo's proxy-full sweep (96 cells, forked jobs, 2 workers on
+# the 2-core reference machine): every (batch_ratio, iterations) within 14% (the old steps-based cost: 93%).
+GEN_PASSES = 1.2    # generation and amortised greedy validation, per rollout batch
+STEP_PASSES = 0.02  # per optimizer step
+# (start-up s, s per cost unit) on the reference machine, one job per core (same fit; start-up of a forked job
+# to its first generation, from `just bench`); paper: no reference run yet.
+SECONDS: dict[str, tuple[float, float] | None] = {"proxy": (3.0, 0.505), "proxy-full": (3.0, 0.505), "paper": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +33,11 @@ class Attempt:
     cost: float
     duration_s: float | None
     complete: bool
+
+
+def cell_cost(rollout_batches: int, batch_ratio: int, iterations: int) -> float:
+    """Passes over a rollout batch, generation and per-step overhead included."""
+    return float(rollout_batches * (GEN_PASSES + iterations * (1 + STEP_PASSES * batch_ratio)))
 
 
 def fit(done: Iterable[Attempt]) -> tuple[float, float] | None:

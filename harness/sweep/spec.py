@@ -31,6 +31,7 @@ from harness.config import (
     parse_value,
     shape_of,
 )
+from harness.sweep.cost import cell_cost
 
 SCALES: tuple[str, ...] = ("paper", "proxy", "proxy-full")
 
@@ -123,8 +124,8 @@ class Cell:
 
     @property
     def cost(self) -> float:
-        """Relative run time, for ordering and ETA: NOTES §7 measured time ~ start-up + optimizer steps."""
-        return float(self.config.rollout_batches * (8 + self.config.batch_ratio * self.config.iterations))
+        """Relative run time, for the queue's order and the ETA (harness.sweep.cost.cell_cost)."""
+        return cell_cost(self.config.rollout_batches, self.config.batch_ratio, self.config.iterations)
 
     def job_fields(self) -> dict[str, Any]:
         """The config as stored in the ledger: everything but the per-machine output_dir and experiment."""
