@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 
 # Least squares on the median durations of grpo-vs-cfpo's proxy-full sweep (96 cells, forked jobs, 2 workers on
-# the 2-core reference machine): every (batch_ratio, iterations) within 14% (the old steps-based cost: 93%).
+# the 2-core reference machine): every (batch_ratio, iterations) within 15% (the old steps-based cost: 80%).
 GEN_PASSES = 1.2    # generation and amortised greedy validation, per rollout batch
 STEP_PASSES = 0.02  # per optimizer step
 # (start-up s, s per cost unit) on the reference machine, one job per core (same fit; start-up of a forked job
