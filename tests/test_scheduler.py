@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from harness.sweep.cost import SECONDS, Attempt, cell_cost, expected_seconds, fit, predict
+from harness.sweep.cost import SECONDS, Attempt, cell_cost, expected_seconds, fit, model_for, predict
 from harness.sweep.ledger import Ledger, open_storage
 from harness.sweep.spec import load_spec, make_plan
 
@@ -48,9 +48,9 @@ def test_fit_follows_the_machine_and_refuses_what_it_cannot_fit():
     assert fit(done) == pytest.approx((5.0, 0.1))  # unfinished attempts are not samples of the model
     assert fit(done[:1]) is None  # one cost: no slope
     assert fit([Attempt("a", 100.0, 40.0, True), Attempt("b", 110.0, 30.0, True)]) is None  # negative slope
-    assert expected_seconds("x", 200.0, done, "proxy") == pytest.approx(25.0)
-    assert expected_seconds("x", 200.0, [], "paper") == 200.0  # no reference, no history: cost units, order only
-    assert expected_seconds("c", 200.0, done, "proxy") == pytest.approx(25.0)  # its 1 s crash is a lower bound
+    assert expected_seconds("x", 200.0, done, model_for(done, "proxy")) == pytest.approx(25.0)
+    assert expected_seconds("x", 200.0, [], model_for([], "paper")) == 200.0  # no model: cost units, order only
+    assert expected_seconds("c", 200.0, done, model_for(done, "proxy")) == pytest.approx(25.0)  # 1 s crash: a floor
 
 
 def test_cost_counts_passes_not_steps():

@@ -54,9 +54,13 @@ def predict(cost: float, model: tuple[float, float] | None) -> float:
     return model[0] + model[1] * cost if model else cost
 
 
-def expected_seconds(cell: str, cost: float, history: Sequence[Attempt], scale: str) -> float:
+def model_for(history: Sequence[Attempt], scale: str) -> tuple[float, float] | None:
+    """The sweep's own fit where it has one, else the scale's reference values (None: neither)."""
+    return fit(history) or SECONDS.get(scale)
+
+
+def expected_seconds(cell: str, cost: float, history: Sequence[Attempt], model: tuple[float, float] | None) -> float:
     """Expected run time of the cell's next attempt, from the sweep's history (all attempts so far)."""
-    model = fit(history) or SECONDS.get(scale)
     if model is None:  # cost units only: observed seconds cannot be weighed against them
         return cost
     ran = [a.duration_s for a in history if a.cell == cell and a.duration_s is not None]

@@ -220,10 +220,9 @@ class Ledger:
         history = [cost.Attempt(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)),
                                 (t.user_attrs.get(OUTCOME) or {}).get("duration_s"), t.state == TrialState.COMPLETE)
                    for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-        scale = self.name.rsplit("/", 1)[-1]
-        waiting = [t for t in trials if t.state == TrialState.WAITING]
-        return sorted(waiting, key=lambda t: (-cost.expected_seconds(t.user_attrs[CELL], float(
-            t.user_attrs.get(COST, 1.0)), history, scale), t.number))
+        model = cost.model_for(history, scale=self.name.rsplit("/", 1)[-1])  # fitted once per pop
+        return sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: (-cost.expected_seconds(
+            t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)), history, model), t.number))
 
     def heartbeat(self, trial_id: int) -> None:
         """Raises UpdateFinishedTrialError when the attempt was settled by someone else (declared dead)."""

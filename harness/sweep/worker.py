@@ -221,13 +221,13 @@ class Worker:
 
         t0 = time.time()
         env = {**job_env(self.opts.gpus), PROGRESS_ENV: str(progress)}
-        fork = self._forks(cmd, per_job, cfg)
+        fork = self._forks(per_job, cfg)
         with open(log_path, "ab") as out:
             out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}"
                       f"{' (forked)' if fork else ''}\n".encode())
             out.flush()
             if fork:
-                proc = self.forkserver.start(cmd[len(train_command()) - 1:], log_path, env, REPO_ROOT)
+                proc = self.forkserver.start(["train", *cmd[len(train_command()):]], log_path, env, REPO_ROOT)
             else:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=REPO_ROOT, env=env, start_new_session=True, preexec_fn=die_with_parent())
@@ -302,12 +302,12 @@ class Worker:
         log.info("cell %s attempt %d (%s): %s in %.0fs%s", cell, attempt, label, outcome["state"], duration,
                  f" ({outcome['error']})" if outcome.get("error") else "")
 
-    def _forks(self, cmd: list[str], per_job: int, cfg: dict[str, Any]) -> bool:
+    def _forks(self, per_job: int, cfg: dict[str, Any]) -> bool:
         """Whether this job is forked (harness.sweep.forkserver): a plain single-process CPU job only."""
         on_cpu = cfg.get("device") == "cpu" or (cfg.get("device") == "auto" and not self.opts.gpus
                                                 and not has_nvidia_devices())
         return (self.opts.job_start == "fork" and per_job == 1 and on_cpu and "HARNESS_TRAIN_CMD" not in os.environ
-                and not (cfg.get("trl") or {}).get("use_vllm") and cmd[:len(train_command())] == train_command())
+                and not (cfg.get("trl") or {}).get("use_vllm"))
 
     def _verdict(self, cell: str, attempt: int) -> tuple[adopt.Verdict, str | None]:
         """What the attempt came to; while MLflow cannot be asked, wait for it (unless stopping).
