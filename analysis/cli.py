@@ -2,7 +2,7 @@
 
     python -m analysis figures NAME [--scale proxy] [--results-dir results] [--tracking-uri URI]
                                     [--cache-dir DIR] [--offline] [--rule KEY=VALUE ...]
-                                    [--baseline OBJECTIVE] [--measure NAME ...] [--only PARAM=VALUE ...]
+                                    [--baseline OBJECTIVE] [--spec SWEEP.yaml] [--only PARAM=VALUE ...]
         figures, tables and README.md under RESULTS_DIR/NAME/SCALE/
     python -m analysis tables NAME ...   tables only
     python -m analysis bench [NAME] ...  cold-store vs warm-cache regeneration time (synthetic study by default)
@@ -55,11 +55,15 @@ def _regenerate(args: argparse.Namespace, figures: bool) -> int:
     out = regenerate(args.name, args.scale, results_dir=args.results_dir, tracking_uri=args.tracking_uri,
                      cache_dir=args.cache_dir, offline=True if args.offline else None, rules=_rules(args.rule),
                      figures=figures, command=" ".join(["python -m analysis", *args.argv]),
-                     baseline=args.baseline, measures=args.measure, only=_pairs("--only", args.only))
+                     baseline=args.baseline, spec=args.spec, only=_pairs("--only", args.only))
     d = out.data
     print(f"{d.experiment}: {len(d.runs)} runs ({d.fetched_runs} read from MLflow, {d.cached_runs} from cache), "
           f"{len(d.excluded)} excluded cells, {int(out.verdicts['collapsed'].sum())} collapsed runs")
     print(f"baseline: {out.baseline or 'none (one objective)'}; on-policy control: {out.control.status}")
+    primary = out.aggregate[out.aggregate["role"] == "primary"] if len(out.aggregate) else out.aggregate
+    for r in primary.itertuples(index=False):
+        print(f"primary ({r.measure}, {r.contrast} over {r.cells}): {r.objective} - {r.baseline}: {r.verdict}, "
+              f"{r.mean:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}] on {r.seeds} seeds, Holm p {r.p_adj:.3g}")
     print(f"tables: {len(out.tables)} files in {next(iter(out.tables.values())).parent}")
     if figures:
         print(f"figures: {sum(map(len, out.figures.values()))} files in {out.figures['stable_regime'][0].parent}")
@@ -92,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                        help="override a collapse rule threshold, e.g. --rule val_drop=0.4 (see analysis/collapse.py)")
         p.add_argument("--baseline", default=None, metavar="OBJECTIVE",
-                       help="objective the others are compared against (default: grpo, else the first objective)")
-        p.add_argument("--measure", action="append", default=None, metavar="NAME",
-                       help="validation measure to compare (repeatable; default all: final_val, lastk_val, "
-                            "auc_val, gain_val)")
+                       help="objective the others are compared against (default: the hypothesis's baseline, else "
+                            "the first objective); the report says when it overrides the declared one")
+        p.add_argument("--spec", default=None, metavar="SWEEP.yaml",
+                       help="sweep file whose hypothesis: is tested (default: sweeps/NAME.yaml; without one, the "
+                            "default question: val AUC over the off-policy cells against the first objective)")
         p.add_argument("--only", action="append", default=[], metavar="PARAM=VALUE",
                        help="analyse only runs whose MLflow param has this value, e.g. --only rollout_batches=30")
         p.set_defaults(func=lambda a, f=figures: _regenerate(a, f))

@@ -2,8 +2,10 @@
 
 A run is collapsed when any enabled rule fires; its collapse step is the earliest step at which one fires.
 
-- validation: `val/reward` falls more than `val_drop` below its running peak P (v < (1 - val_drop) P) and the
-  final value does not come back to `val_recover` x P. A dip that recovers is noise, not collapse.
+- validation: `val/reward` falls more than `val_drop` below its running peak P (v < (1 - val_drop) P) on two
+  consecutive evaluations, and the final value does not come back to `val_recover` x P. A dip that recovers is
+  noise, not collapse; a fall seen only at the last evaluation cannot be confirmed and is flagged `censored`
+  (at the budget's end), not counted as a collapse.
 - entropy collapse: entropy below `entropy_floor` nats (the policy became nearly deterministic);
 - entropy explosion: entropy above `entropy_ceiling` x its value over the first rollout batch (the policy went
   towards uniform); entropy is judged per rollout batch (the mean over the batch's optimizer steps), and a
@@ -49,19 +51,24 @@ class Verdict:
     reason: str  # rules that fired, earliest first ("" when not collapsed)
     step: float  # optimizer step of the earliest firing rule (NaN when not collapsed)
     rollout_batch: float  # the same as rollout batches completed
+    censored: bool = False  # only the validation rule's last evaluation fell: unconfirmed, not counted
 
 
-COLUMNS = ["run_id", "collapsed", "reason", "step", "rollout_batch"]
+COLUMNS = ["run_id", "collapsed", "reason", "step", "rollout_batch", "censored"]
 
 
-def val_collapse_step(steps: np.ndarray, val: np.ndarray, rules: CollapseRules) -> int | None:
-    """First step where val < (1 - drop) x running peak while the final value stays < recover x that peak."""
+def val_collapse_step(steps: np.ndarray, val: np.ndarray, rules: CollapseRules) -> tuple[int | None, bool]:
+    """(step, censored): the first of two consecutive evaluations with val < (1 - drop) x running peak while
+    the final value stays < recover x that peak; (last step, True) when only the last evaluation falls so."""
     if len(val) == 0:
-        return None
+        return None, False
     peak = np.maximum.accumulate(val)
-    # peak only grows, so once the final value is below recover x peak it stays so: the first hit is the answer
+    # peak only grows, so once the final value is below recover x peak it stays so
     hit = (val < (1 - rules.val_drop) * peak) & (val[-1] < rules.val_recover * peak)
-    return int(steps[np.argmax(hit)]) if hit.any() else None
+    twice = np.flatnonzero(hit[:-1] & hit[1:])
+    if len(twice):
+        return int(steps[twice[0]]), False
+    return (int(steps[-1]), True) if hit[-1] else (None, False)
 
 
 def first_streak(steps: np.ndarray, cond: np.ndarray, length: int) -> int | None:
@@ -87,9 +94,10 @@ def judge_run(curves: dict[str, pd.DataFrame], status: str, steps_per_batch: int
 
     steps, val = arrays(VAL_REWARD)
     ok = np.isfinite(val)  # a NaN val reward is a broken eval, not a value; the loss rule catches NaN training
-    s = val_collapse_step(steps[ok], val[ok], rules)
-    if s is not None:
-        fired.append((s, f"val reward fell >{rules.val_drop:.0%} below peak, not back to {rules.val_recover:.0%}"))
+    s, censored = val_collapse_step(steps[ok], val[ok], rules)
+    val_rule = f"val reward fell >{rules.val_drop:.0%} below peak, not back to {rules.val_recover:.0%}"
+    if s is not None and not censored:
+        fired.append((s, val_rule))
 
     steps, ent = arrays(ENTROPY)
     ok = np.isfinite(ent)
@@ -116,6 +124,9 @@ def judge_run(curves: dict[str, pd.DataFrame], status: str, steps_per_batch: int
         fired.append((int(diverged_at), "diverged (the harness stopped the run)"))
 
     if not fired:
+        if s is not None:  # censored: said, with its step, but not a collapse
+            return Verdict(False, f"{val_rule} at the last evaluation only (censored)", float(s),
+                           s / steps_per_batch, censored=True)
         return Verdict(False, "", np.nan, np.nan)
     fired.sort(key=lambda f: f[0])
     step = fired[0][0]
@@ -131,5 +142,5 @@ def detect_collapse(long: pd.DataFrame, runs: pd.DataFrame, rules: CollapseRules
     for run in runs.itertuples(index=False):
         diverged_at = None if pd.isna(run.diverged_at) else int(run.diverged_at)
         v = judge_run(by_run.get(run.run_id, {}), run.status, run.steps_per_rollout_batch, rules, diverged_at)
-        rows.append((run.run_id, v.collapsed, v.reason, v.step, v.rollout_batch))
+        rows.append((run.run_id, v.collapsed, v.reason, v.step, v.rollout_batch, v.censored))
     return pd.DataFrame(rows, columns=COLUMNS)

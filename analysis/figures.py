@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from analysis.load import StudyData
 from analysis.metrics import CURVES, CURVES_BY_KEY, CurveMetric
@@ -209,47 +210,51 @@ def save(fig: Figure, folder: str | Path, stem: str) -> list[Path]:
 
 
 def curve_metrics(data: StudyData) -> list[CurveMetric]:
-    """The curve figures this study gets: every non-optional metric, optional ones only when logged."""
-    return [m for m in CURVES if not m.optional or data.runs_with(m.key)]
+    """The curve figures this study gets: every metric some run logged (a setting without clipping, KL or
+    vLLM still gets the rest)."""
+    return [m for m in CURVES if data.runs_with(m.key)]
 
 
 def verdict_figure(agg: pd.DataFrame, axes: list[str], study: str, scale: str) -> Figure:
-    """The aggregate verdict: per measure, probability of improvement and IQM of paired differences over the
-    off-policy cells, one row per comparison (objective [and extra axes] minus baseline), point and interval.
-    Markers in the objective's style, filled where a difference is claimed (analysis.paired.aggregate_verdict);
-    alternate rows shaded, so a comparison reads across both columns when there are many."""
+    """The verdicts with seeds as the unit (analysis.verdicts): one panel per measure, the primary first, one
+    row per comparison (objective [and extra axes] minus baseline), the mean per-seed contrast with its
+    t-interval and the equivalence margin shaded. Markers in the objective's style, filled where a difference
+    survives its family's correction; alternate rows shaded, so a comparison reads across the panels."""
     measures = list(dict.fromkeys(agg["measure"]))
     labels = list(dict.fromkeys(_comparison_labels(agg, axes)))
-    row_in = max(0.3 * len(labels), 0.6)
-    fig = Figure(figsize=(MIN_WIDTH_IN + 1.5, row_in * len(measures) + 1.6), layout="constrained")
-    grid = fig.subplots(len(measures), 2, squeeze=False, sharey=True)
+    fig = Figure(figsize=(max(MIN_WIDTH_IN, 2.6 * len(measures) + 2.4), max(0.3 * len(labels), 0.6) + 1.6),
+                 layout="constrained")
+    grid = fig.subplots(1, len(measures), squeeze=False, sharey=True)[0]
     styles = objective_styles(agg["objective"])
-    for r, measure in enumerate(measures):
+    for ax, measure in zip(grid, measures):
         rows = agg[agg["measure"] == measure].assign(label=lambda d: _comparison_labels(d, axes))
-        for c, (stat, ref, title) in enumerate([("p_improve", 0.5, "P(improvement over baseline)"),
-                                                ("iqm", 0.0, "IQM of paired differences")]):
-            ax: Axes = grid[r, c]
-            ax.axvline(ref, color="0.5", lw=0.8, ls="--")
-            for y, label in enumerate(labels):
-                if y % 2:
-                    ax.axhspan(y - 0.5, y + 0.5, color="0.93", lw=0, zorder=0)
-                hit = rows[rows["label"] == label]
-                if hit.empty:
-                    continue
-                row = hit.iloc[0]
-                st = styles[row["objective"]]
-                claimed = row.get("verdict") in ("higher", "lower")
-                ax.errorbar(row[stat], y, xerr=[[row[stat] - row[f"{stat}_lo"]], [row[f"{stat}_hi"] - row[stat]]],
-                            fmt=st["marker"], color=st["color"], mfc=st["color"] if claimed else "white",
-                            capsize=3, ms=6)
-            ax.set_yticks(range(len(labels)), labels, fontsize=8 if len(labels) > 6 else 10)
-            ax.set_title(f"{title}: {MEASURE_LABELS.get(measure, measure)}", fontsize=9)
-            ax.grid(True, axis="x", alpha=0.3)
-            if c == 0:
-                ax.set_xlim(-0.02, 1.02)
-    grid[0, 0].set_ylim(len(labels) - 0.5, -0.5)  # shared y: first comparison on top in every panel
-    fig.suptitle(f"Aggregate verdict: {study} ({scale} scale)\noff-policy cells as strata, paired seeds, "
-                 f"stratified bootstrap {LEVEL:.0%} intervals; filled marker: difference claimed", fontsize=10)
+        margin = float(rows["margin"].iloc[0])
+        ax.axvspan(-margin, margin, color="0.9", lw=0, zorder=0)
+        ax.axvline(0.0, color="0.5", lw=0.8, ls="--")
+        for y, label in enumerate(labels):
+            if y % 2:
+                ax.axhspan(y - 0.5, y + 0.5, color="0.96", lw=0, zorder=0)
+            hit = rows[rows["label"] == label]
+            if hit.empty or pd.isna(hit.iloc[0]["mean"]):
+                continue
+            row = hit.iloc[0]
+            st = styles[row["objective"]]
+            claimed = row["verdict"] in ("higher", "lower")
+            lo, hi = (row["lo"], row["hi"]) if pd.notna(row["lo"]) else (row["mean"], row["mean"])
+            ax.errorbar(row["mean"], y, xerr=[[row["mean"] - lo], [hi - row["mean"]]], fmt=st["marker"],
+                        color=st["color"], mfc=st["color"] if claimed else "white", capsize=3, ms=6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8 if len(labels) > 6 else 10)
+        role = rows["role"].iloc[0]
+        ax.set_title(f"{MEASURE_LABELS.get(measure, measure)}\n({role})", fontsize=9,
+                     fontweight="bold" if role == "primary" else "normal")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))  # tick labels never run together
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    grid[0].set_ylim(len(labels) - 0.5, -0.5)  # shared y: first comparison on top in every panel
+    first = agg.iloc[0]
+    fig.suptitle(f"Verdicts: {study} ({scale} scale), seeds as the unit\nper-seed {first['contrast']} of paired "
+                 f"differences over cells {first['cells']}; t-interval at 1 - alpha; grey band: ±margin; "
+                 "filled: survives Holm", fontsize=9)
     return fig
 
 

@@ -1,24 +1,22 @@
-"""Objective against a baseline objective, seed by seed: per-cell paired comparisons, the aggregate verdict
-over the off-policy cells, and the on-policy control.
+"""Objective against a baseline objective, cell by cell, seed by seed, and the on-policy control.
 
 Seed s of every objective starts from the same warm-started model, sees the same prompts in the same order and
 samples the same first rollout batch, so the runs of one seed are a pair and the comparison is the per-seed
 difference X_s - baseline_s (analysis.stats.paired). A seed present in one arm only is left out and counted
 (`unpaired`). A cell is (batch_ratio, iterations, extra sweep axes); the extra axes are columns of their own.
 
-- verdict per (cell, objective, measure): `higher` / `lower` when the 95% t-interval of the differences
-  excludes 0, `identical` when every difference is exactly 0, else `no detectable difference`, reported with
-  the minimum detectable difference (80% power, two-sided 5%) so a null reads "no difference larger than X";
-  fewer than 2 pairs: `too few seeds`. These are per-cell tests, not adjusted for their number: at 5%, about
-  one in twenty null comparisons reads as a difference. The aggregate is the verdict to quote.
-- aggregate: per objective (and extra axes) against the baseline, over the off-policy cells as strata
-  (batch_ratio x iterations > 1), the interquartile mean of all paired differences and the probability of
-  improvement, each with a stratified-bootstrap 95% interval (analysis.stats). A difference is claimed only
-  when both intervals agree and the exact sign-flip test of the pooled pairs gives p < 5%: with few pairs
-  the bootstrap alone calls differences no test could see (aggregate_verdict).
-- control: on the on-policy cell (batch_ratio 1, iterations 1) the ratio is exactly 1 and CONTROL_OBJECTIVES
-  compute the same gradient, bit for bit, so every paired difference among them must be exactly 0. Anything else
-  means the runs did not share their start or the code differs from what it claims.
+Per-cell rows are detail, never the headline (analysis.verdicts is): each is tested with the exact sign-flip
+test over its seeds and Holm-adjusted within its family, every (cell, comparison) row of one measure, so with k
+rows at 5% about 5% x k nulls would otherwise read as differences. verdict per (cell, objective, measure):
+`higher` / `lower` only when the adjusted p < alpha; `identical` when every difference is exactly 0;
+`equivalent` when the Holm-adjusted TOST p against the margin < alpha; `too few seeds` below 2 pairs; else
+`inconclusive` (the interval says what the data allow). `both_collapsed`: every seed of both arms collapsed
+here, so `higher` means "degrades less". `mde` is design information (the difference 80% power would need at
+this spread), never a statement about the result.
+
+control: on the on-policy cell (batch_ratio 1, iterations 1) the ratio is exactly 1 and CONTROL_OBJECTIVES
+compute the same gradient, bit for bit, so every paired difference among them must be exactly 0. Anything else
+means the runs did not share their start or the code differs from what it claims.
 """
 from __future__ import annotations
 
@@ -29,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.stats import improvement_probability, iqm, paired, sign_flip_test, stratified_bootstrap
-from analysis.summary import MEASURES
+from analysis.stats import holm, paired, sign_flip_test, tost
+from harness.hypothesis import COMPARED_MEASURES
 
 # Objectives whose on-policy gradient is TRL's grpo gradient bit for bit (tests/test_trainer_equivalence.py), so
 # they must agree exactly on the on-policy cell. Not cispo, sapo nor gspo: theirs is the same gradient computed by
@@ -43,20 +41,23 @@ NEGATIVE_CONTROLS = ("pg-is",)
 MEASURE_LABELS = {"final_val": "final val reward", "lastk_val": "mean of last 3 evaluations",
                   "auc_val": "val reward AUC / length", "gain_val": "gain over start"}
 PAIRED_COLUMNS = ["objective", "baseline", "measure", "n", "unpaired", "mean_diff", "sd", "lo", "hi", "effect",
-                  "p", "mde", "verdict", "diffs"]
-AGGREGATE_COLUMNS = ["objective", "baseline", "measure", "strata", "pairs", "iqm", "iqm_lo", "iqm_hi",
-                     "p_improve", "p_improve_lo", "p_improve_hi", "p_signflip", "p_floor", "verdict"]
-ALPHA = 0.05
+                  "p", "mde", "verdict", "diffs", "p_signflip", "p_floor", "p_adj", "p_tost", "p_tost_adj",
+                  "family_size", "both_collapsed"]
+CLAIMS = ("higher", "lower")
 
 
-def aggregate_verdict(objective: str, lo: float, hi: float, p_lo: float, p_hi: float, p_flip: float) -> str:
-    """`higher`/`lower` only when the IQM interval excludes 0, the P(improvement) interval excludes 1/2 on the
-    same side, and the exact sign-flip test agrees (p < 5%); else `no detectable difference`."""
-    if p_flip < ALPHA and lo > 0 and p_lo > 0.5:
-        return "higher"
-    if p_flip < ALPHA and hi < 0 and p_hi < 0.5:
-        return "lower"
-    return "no detectable difference"
+def decide(n: int, mean: float, all_zero: bool, p_adj: float, p_tost_adj: float, alpha: float) -> str:
+    """The verdict words shared by every table: a difference only past its family's correction, a null only as
+    equivalence within the margin (see the module docstring)."""
+    if all_zero and n >= 2:
+        return "identical"
+    if n < 2:
+        return "too few seeds"
+    if p_adj < alpha:
+        return "higher" if mean > 0 else "lower"
+    if p_tost_adj < alpha:
+        return "equivalent"
+    return "inconclusive"
 
 
 def axis_names(summaries: pd.DataFrame) -> list[str]:
@@ -83,9 +84,11 @@ def check_baseline(objectives: list[str], baseline: str | None) -> str:
     return baseline
 
 
-def paired_table(summaries: pd.DataFrame, baseline: str, measures: tuple[str, ...] = MEASURES) -> pd.DataFrame:
+def paired_table(summaries: pd.DataFrame, baseline: str, measures: tuple[str, ...] = COMPARED_MEASURES,
+                 alpha: float = 0.05, margin: float = 0.02) -> pd.DataFrame:
     """One row per (cell, objective other than the baseline, measure); columns: GRID + extra axes +
-    PAIRED_COLUMNS. `diffs` holds the per-seed differences in seed order (seeds listed in `seeds`)."""
+    PAIRED_COLUMNS. `diffs` holds the per-seed differences in seed order (seeds listed in `seeds`). A
+    `collapsed` column in summaries (analysis.collapse) fills both_collapsed; without it, False."""
     df = with_axis_columns(summaries)
     axes = axis_names(summaries)
     cell_keys = ["batch_ratio", "iterations", *axes]
@@ -95,52 +98,30 @@ def paired_table(summaries: pd.DataFrame, baseline: str, measures: tuple[str, ..
         base = group[group["base_objective"] == baseline].set_index("seed")
         for objective in sorted(set(group["base_objective"]) - {baseline}, key=_order(summaries)):
             arm = group[group["base_objective"] == objective].set_index("seed")
+            collapsed = "collapsed" in group and len(arm) > 0 and bool(arm["collapsed"].all() and
+                                                                       base["collapsed"].all())
             for measure in measures:
                 x, y = arm[measure].dropna(), base[measure].dropna()
                 both = sorted(set(x.index) & set(y.index))
                 diffs = (x.loc[both] - y.loc[both]).to_numpy(dtype=float)
-                stats = paired(diffs)
+                p_flip, floor = sign_flip_test(diffs)
                 rows.append({**cell, "objective": objective, "baseline": baseline, "measure": measure,
-                             **stats, "unpaired": len(set(x.index) ^ set(y.index)), "verdict": _verdict(stats, diffs),
-                             "diffs": diffs.tolist(), "seeds": both})
-    columns = cell_keys + PAIRED_COLUMNS + ["seeds"]
-    return pd.DataFrame(rows, columns=columns)
+                             **paired(diffs, 1 - alpha), "unpaired": len(set(x.index) ^ set(y.index)),
+                             "diffs": diffs.tolist(), "seeds": both, "p_signflip": p_flip if len(diffs) else np.nan,
+                             "p_floor": floor, "p_tost": tost(diffs, margin), "both_collapsed": collapsed})
+    out = pd.DataFrame(rows, columns=cell_keys + PAIRED_COLUMNS + ["seeds"])
+    for _, family in out.groupby("measure", sort=False):  # one family per measure: every cell and comparison
+        out.loc[family.index, "p_adj"] = holm(family["p_signflip"])
+        out.loc[family.index, "p_tost_adj"] = holm(family["p_tost"])
+        out.loc[family.index, "family_size"] = int(family["p_signflip"].notna().sum())
+    out["verdict"] = [decide(int(r.n), r.mean_diff, bool(r.n) and not np.any(r.diffs), r.p_adj, r.p_tost_adj, alpha)
+                      for r in out.itertuples(index=False)]
+    return out
 
 
 def _order(summaries: pd.DataFrame):
     first_seen = {o: i for i, o in enumerate(dict.fromkeys(summaries["base_objective"]))}
     return lambda o: first_seen.get(o, len(first_seen))
-
-
-def _verdict(stats: dict[str, float], diffs: np.ndarray) -> str:
-    if stats["n"] >= 1 and np.all(diffs == 0):
-        return "identical" if stats["n"] >= 2 else "too few seeds"
-    if stats["n"] < 2:
-        return "too few seeds"
-    if stats["lo"] > 0:
-        return "higher"
-    if stats["hi"] < 0:
-        return "lower"
-    return "no detectable difference"
-
-
-def aggregate(paired_rows: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Per (objective, extra axes, measure): IQM of the paired differences over the off-policy cells and the
-    probability of improvement, each with its stratified-bootstrap interval."""
-    off = paired_rows[paired_rows["batch_ratio"] * paired_rows["iterations"] > 1]
-    off = off[off["n"] > 0]
-    rows = []
-    for key, group in off.groupby(["objective", "baseline", *axes, "measure"], sort=False):
-        key = dict(zip(["objective", "baseline", *axes, "measure"], key))
-        strata = [np.asarray(d, dtype=float) for d in group["diffs"]]
-        m, lo, hi = stratified_bootstrap(strata, iqm)
-        p, p_lo, p_hi = stratified_bootstrap(strata, improvement_probability)
-        p_flip, floor = sign_flip_test(np.concatenate(strata))
-        rows.append({**key, "strata": len(strata), "pairs": int(sum(len(s) for s in strata)), "iqm": m,
-                     "iqm_lo": lo, "iqm_hi": hi, "p_improve": p, "p_improve_lo": p_lo, "p_improve_hi": p_hi,
-                     "p_signflip": p_flip, "p_floor": floor, "verdict": aggregate_verdict(
-                         key["objective"], lo, hi, p_lo, p_hi, p_flip)})
-    return pd.DataFrame(rows, columns=["objective", "baseline", *axes, "measure", *AGGREGATE_COLUMNS[3:]])
 
 
 @dataclasses.dataclass(frozen=True)

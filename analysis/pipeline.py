@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -14,26 +14,30 @@ from analysis.figures import make_figures
 from analysis.formatting import write_tables
 from analysis.layout import default_tracking_uri, study_paths
 from analysis.load import StudyData, load_study
-from analysis.metrics import REQUIRED_FOR_FIGURES, REQUIRED_FOR_TABLES
-from analysis.paired import (AGGREGATE_COLUMNS, PAIRED_COLUMNS, Control, aggregate, axis_names, check_baseline,
-                             control, paired_table)
+from analysis.metrics import REQUIRED
+from analysis.paired import PAIRED_COLUMNS, Control, axis_names, check_baseline, control, paired_table
 from analysis.pooling import code_versions
+from analysis.question import Declared, declared
 from analysis.report import write_report
 from analysis.runs import RunInfo
 from analysis.style import objective_order
-from analysis.summary import MEASURES, run_summaries
-from analysis.tables import cell_table
+from analysis.summary import run_summaries
+from analysis.tables import cell_table, run_table
+from analysis.verdicts import COLLAPSE_COLUMNS, VERDICT_COLUMNS, collapse_table, contrast_cells, verdict_table
+from harness.hypothesis import COMPARED_MEASURES
 
 
 @dataclasses.dataclass
 class Outputs:
     data: StudyData
     verdicts: pd.DataFrame  # analysis.collapse.detect_collapse
-    summaries: pd.DataFrame  # analysis.summary.run_summaries
+    summaries: pd.DataFrame  # analysis.summary.run_summaries, plus `collapsed`
     table: pd.DataFrame  # analysis.tables.cell_table
     paired: pd.DataFrame  # analysis.paired.paired_table (empty with one objective)
-    aggregate: pd.DataFrame  # analysis.paired.aggregate
+    aggregate: pd.DataFrame  # analysis.verdicts.verdict_table: the headline family first (empty: one objective)
+    collapse: pd.DataFrame  # analysis.verdicts.collapse_table
     control: Control
+    declared: Declared  # the study's declared question (analysis.question)
     baseline: str | None
     tables: dict[str, Path]
     figures: dict[str, list[Path]]  # empty for tables only
@@ -41,27 +45,21 @@ class Outputs:
     seconds: dict[str, float]  # wall time per phase: load, analyse, tables, figures, report
 
 
-def check_measures(measures: Sequence[str] | None) -> list[str]:
-    chosen = list(dict.fromkeys(measures or MEASURES))
-    for m in chosen:
-        if m not in MEASURES:
-            raise AnalysisError(f"--measure {m!r} does not exist; allowed: {', '.join(MEASURES)}")
-    return chosen
-
-
 def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "results",
                tracking_uri: str | None = None, cache_dir: str | Path | None = None, offline: bool | None = None,
                rules: CollapseRules | None = None, figures: bool = True, command: str | None = None,
-               baseline: str | None = None, measures: Sequence[str] | None = None,
+               baseline: str | None = None, spec: str | Path | None = None,
                only: Mapping[str, str] | None = None) -> Outputs:
     """Write tables (and with figures=True, figures and the README) under results_dir/<study>/<scale>/.
 
-    baseline: the objective the others are compared against (default: the first in objective order, grpo
-    first); measures: the validation measures compared (analysis.summary.MEASURES); only: param filter
-    (analysis.pooling.select). Bad values raise AnalysisError before anything is written.
+    The question tested is the one the sweep file declares (analysis.question; spec: its path, default
+    sweeps/<study>.yaml). baseline overrides the declared baseline (default: the first in objective order, grpo
+    first); only: param filter (analysis.pooling.select). Bad values raise AnalysisError before anything is
+    written.
     """
     rules = rules or CollapseRules()
-    measures = check_measures(measures)
+    decl = declared(study, spec)
+    baseline = baseline or decl.hypothesis.baseline
     paths = study_paths(results_dir, study, scale, cache_dir)
     for flag, folder in (("--results-dir", Path(results_dir)), ("--cache-dir", paths.cache)):
         existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
@@ -81,35 +79,42 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
             raise AnalysisError(f"--baseline {baseline}: the study has one objective ({objectives[0]}); a "
                                 "comparison needs at least two")
         check_baseline(objectives, baseline)
+        contrast_cells({(i.batch_ratio, i.iterations) for i in chosen}, decl.hypothesis)  # before the cache is written
 
     data = load_study(study, scale, tracking_uri=uri, cache_dir=paths.cache, offline=offline, only=only,
                       validate=validate)
-    data.require(REQUIRED_FOR_FIGURES if figures else REQUIRED_FOR_TABLES)
+    data.require(REQUIRED)
     lap("load")
     verdicts = detect_collapse(data.long, data.runs, rules)
-    summaries = run_summaries(data.long, data.runs)
+    summaries = run_summaries(data.long, data.runs).merge(verdicts[["run_id", "collapsed"]], on="run_id")
     table = cell_table(summaries, verdicts, data.excluded)
     axes = axis_names(summaries)
     objectives = objective_order(summaries["base_objective"])
     base = check_baseline(objectives, baseline) if len(objectives) > 1 else None
-    paired_rows = paired_table(summaries, base, tuple(measures)) if base else pd.DataFrame(
-        columns=["batch_ratio", "iterations", *axes, *PAIRED_COLUMNS, "seeds"])
-    agg = aggregate(paired_rows, axes) if base else pd.DataFrame(columns=["objective", "baseline", *axes,
-                                                                          "measure", *AGGREGATE_COLUMNS[3:]])
+    hyp = decl.hypothesis
+    if base:
+        paired_rows = paired_table(summaries, base, COMPARED_MEASURES, hyp.alpha, hyp.margin)
+        agg, collapse = verdict_table(summaries, base, hyp, axes), collapse_table(summaries, base, hyp, axes)
+    else:
+        paired_rows = pd.DataFrame(columns=["batch_ratio", "iterations", *axes, *PAIRED_COLUMNS, "seeds"])
+        agg, collapse = pd.DataFrame(columns=VERDICT_COLUMNS), pd.DataFrame(columns=COLLAPSE_COLUMNS)
     ctl = control(paired_rows)
     lap("analyse")
-    tables = write_tables(table, paired_rows, agg, axes, paths.tables, study, scale)
+    tables = write_tables(table, paired_rows, agg, collapse, run_table(summaries, verdicts), axes, paths.tables,
+                          study, scale, hyp.margin, hyp.alpha)
     lap("tables")
     figs, report = {}, None
     if figures:
         figs = make_figures(data, table, paths.figures, agg, axes)
         lap("figures")
         command = command or f"python -m analysis figures {study} --scale {scale}"
-        analysis = {"baseline": base, "measures": measures, "axes": axes, "paired": paired_rows, "aggregate": agg,
-                    "control": ctl, "versions": code_versions(_infos(data)), "summaries": summaries}
+        analysis = {"baseline": base, "axes": axes, "paired": paired_rows, "aggregate": agg, "collapse": collapse,
+                    "control": ctl, "versions": code_versions(_infos(data)), "summaries": summaries,
+                    "declared": decl, "baseline_overridden": baseline is not None and baseline != hyp.baseline}
         report = write_report(data, verdicts, table, analysis, figs, tables, paths.readme, rules, command)
         lap("report")
-    return Outputs(data, verdicts, summaries, table, paired_rows, agg, ctl, base, tables, figs, report, seconds)
+    return Outputs(data, verdicts, summaries, table, paired_rows, agg, collapse, ctl, decl, base, tables, figs,
+                   report, seconds)
 
 
 def _infos(data: StudyData) -> list[RunInfo]:

@@ -1,8 +1,8 @@
-"""results/<study>/<scale>/README.md: what was compared and how, the verdict, figures, tables, run ids.
+"""results/<study>/<scale>/README.md, in the order a reviewer reads it: the declared question and its verdict
+(seeds as the unit, corrected), the controls, what the results are conditional on, then the detail as tables,
+figures, the collapse rules and every run id.
 
-Every sentence of the summary is computed from the data: the on-policy control, the code versions behind the
-runs, the aggregate verdict (IQM and probability of improvement over the off-policy cells), the per-cell paired
-differences with the smallest difference each null could have detected, and the collapses with exact intervals.
+Every sentence is computed from the data (analysis.verdicts, analysis.paired, analysis.limitations).
 """
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ import pandas as pd
 
 from analysis.collapse import CollapseRules
 from analysis.figures import HEADLINE, VERDICT
-from analysis.formatting import interval, markdown
+from analysis.formatting import markdown
+from analysis.limitations import limitation_lines
 from analysis.load import StudyData
 from analysis.metrics import CURVES
-from analysis.paired import ALPHA, MEASURE_LABELS, NEGATIVE_CONTROLS, Control
-from analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, POWER
+from analysis.paired import CLAIMS, MEASURE_LABELS, NEGATIVE_CONTROLS, Control
+from analysis.question import Declared
 from analysis.style import objective_order
+from analysis.stats import LEVEL, POWER
 from analysis.summary import LAST_K, SE_MARGIN
 
 
@@ -34,38 +36,41 @@ def _axes_text(row: pd.Series, axes: list[str]) -> str:
     return "".join(f", {a}={row[a]}" for a in axes if row.get(a, "") != "")
 
 
-def method_lines(summaries: pd.DataFrame, baseline: str | None, measures: list[str]) -> list[str]:
+def question_lines(declared: Declared, baseline: str | None, agg: pd.DataFrame, overridden: bool) -> list[str]:
+    h = declared.hypothesis
+    cells = agg["cells"].iloc[0].replace(" ", ", ") if len(agg) else "none"
+    what = ("mean over the cells" if h.contrast == "mean" else
+            "least-squares slope in log2(batch ratio × iterations) across the cells")
+    k = int(agg.loc[agg["role"] == "primary", "family_size"].max()) if len(agg) else 0
+    return [f"Declared in `{declared.source}`" + (f"; baseline set to {baseline} on the command line" if overridden
+                                                  else "") + ":",
+            f"- Primary measure: **{MEASURE_LABELS[h.measure]}**, each objective against **{baseline}**.",
+            f"- Contrast: per seed, the paired differences (objective − baseline) reduced to their {what}: "
+            f"{cells}. The seed is the unit: a seed's cells share its warm start, prompt order and random stream.",
+            f"- Test: exact sign-flip test across seeds, Holm over the {k} comparison(s) of the headline family at "
+            f"alpha {h.alpha:g}; interval: t-interval across seeds at {1 - h.alpha:.0%}; a null is claimed only as "
+            f"equivalence within ±{h.margin:g} (two one-sided tests, Holm-adjusted)."]
+
+
+def method_lines(summaries: pd.DataFrame) -> list[str]:
     seeds = summaries.groupby(["batch_ratio", "iterations", "objective"])["seed"].nunique()
     lo, hi = (int(seeds.min()), int(seeds.max())) if len(seeds) else (0, 0)
-    others = [o for o in objective_order(summaries["base_objective"]) if o != baseline]
-    lines = [f"- Compared: {', '.join(others) or 'nothing'} against the baseline **{baseline}**, in every "
-             f"(batch ratio × iterations) cell, on {lo if lo == hi else f'{lo}-{hi}'} seeds per cell and objective."
-             if baseline else "- One objective: no comparison between objectives.",
-             "- Pairing: seed s of every objective shares the warm-started model, the prompt order and the first "
-             "rollout, so each comparison is the per-seed difference (objective − baseline); a seed present in "
-             "one arm only is left out and counted.",
-             f"- Per cell: mean difference with a {LEVEL:.0%} t-interval on n − 1 degrees of freedom, effect size "
-             f"d_z = mean / sd, and the minimum detectable difference (MDE: {POWER:.0%} power, two-sided "
-             f"{1 - LEVEL:.0%}, from the observed sd of the differences). A difference is claimed only when the "
-             "interval excludes 0; otherwise the cell reads \"no difference larger than the MDE\". Per-cell tests "
-             "are not adjusted for their number: the aggregate is the verdict to quote.",
-             f"- Aggregate over the off-policy cells (batch ratio × iterations > 1) as strata: interquartile mean "
-             f"(IQM) of the paired differences and the probability of improvement P(objective > baseline) (paired "
-             f"seeds, ties 1/2, averaged over cells), each with a stratified-bootstrap {LEVEL:.0%} percentile "
-             f"interval ({BOOTSTRAP_RESAMPLES} resamples of seeds within cells, seed {BOOTSTRAP_SEED}, "
-             "scipy.stats.bootstrap). The percentile bootstrap only reshuffles the seeds it has and runs narrow "
-             "with few seeds, so an aggregate difference is claimed only when both intervals exclude "
-             "no-difference and the exact sign-flip (paired randomization) test of the mean of the pooled pairs "
-             "gives p < 0.05; with n pairs its smallest attainable p is 2/2^n (all pairs of one sign), so 6 pairs "
-             "are the least that can show anything.",
-             f"- Measures: {', '.join(MEASURE_LABELS[m] for m in measures)}. Scoring covers the full budget: a "
-             "diverged run counts 0 from its divergence on (its curve falls linearly from its last evaluation to "
-             f"0 at the divergence); \"last 3 evals\" is the mean of the last {LAST_K} scheduled evaluations; the "
-             "peak excludes the step-0 evaluation.",
-             f"- \"Fell below start\": more than {SE_MARGIN:g} binomial standard errors of the start value below it "
-             "on two consecutive evaluations; a run that never fell is censored at the budget, not left out.",
-             "- Collapse counts are k/n seeds with Clopper-Pearson (exact) 95% intervals."]
-    return lines
+    return [f"- Seeds: {lo if lo == hi else f'{lo}-{hi}'} per cell and objective; seed s of every objective shares "
+            "the warm-started model, the prompt order and the first rollout, so every comparison is a per-seed "
+            "difference; a seed present in one arm only is left out and counted.",
+            "- Families, each Holm-corrected: headline (primary measure, every comparison); secondary (the other "
+            "measures, every comparison); collapse (paired counts, exact McNemar); per cell (every cell and "
+            "comparison of one measure). A `higher`/`lower` anywhere survived its family's correction; nothing "
+            "else is a claim.",
+            f"- Measures: val reward AUC / length (the time-averaged validation reward), final val reward, and the "
+            f"mean of the last {LAST_K} scheduled evaluations. Gain over start is not compared (both arms of a "
+            "pair share the start, so it would count the final value twice); it is in the per-run table. Scoring "
+            "covers the full budget: a diverged run counts 0 from its divergence on.",
+            f"- \"Fell below start\": more than {SE_MARGIN:g} binomial standard errors below the start value on two "
+            "consecutive evaluations. Collapse counts are k/n seeds with Clopper-Pearson (exact) 95% intervals.",
+            f"- Design information (not results): \"seeds for ±margin\" is the number of seeds a true difference "
+            f"equal to the margin would need for {POWER:.0%} power at the observed spread (itself uncertain with "
+            "few seeds); the per-cell MDE likewise."]
 
 
 def control_lines(ctl: Control) -> list[str]:
@@ -108,45 +113,26 @@ def version_lines(versions: dict[str, int]) -> list[str]:
     return [f"**Code versions differ or are not clean**: {listing}. Runs of one line may come from different code."]
 
 
-def aggregate_lines(agg: pd.DataFrame, axes: list[str]) -> list[str]:
+def headline_lines(agg: pd.DataFrame, axes: list[str], alpha: float) -> list[str]:
+    """One sentence per headline comparison, its verdict first."""
     if agg.empty:
-        return ["- No off-policy cell has paired seeds: no aggregate verdict."]
+        return ["- No contrast cell with paired seeds (e.g. only the on-policy cell ran): no verdict."]
     lines = []
-    for _, r in agg.iterrows():
-        m, lo, hi = r["iqm"], r["iqm_lo"], r["iqm_hi"]
-        if r["verdict"] in ("higher", "lower"):
-            verdict = f"**{r['objective']} {r['verdict']}** (sign-flip p = {r['p_signflip']:.3g})"
-        elif r["p_floor"] >= ALPHA:
-            verdict = (f"no detectable difference: {int(r['pairs'])} pairs cannot reach p < {ALPHA:g} in the exact "
-                       f"sign-flip test (smallest attainable p = {r['p_floor']:.3g}), whatever the intervals say")
+    for _, r in agg[agg["role"] == "primary"].iterrows():
+        who = f"{r['objective']} − {r['baseline']}{_axes_text(r, axes)}"
+        effect = f"{r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if pd.notna(r["lo"]) else "n/a"
+        if r["verdict"] in CLAIMS:
+            head = f"**{r['objective']} {r['verdict']}**"
+        elif r["verdict"] == "equivalent":
+            head = f"**equivalent within ±{r['margin']:g}**"
+        elif r["verdict"] == "inconclusive":
+            head = "not shown, not equivalent"
         else:
-            verdict = f"no detectable difference (sign-flip p = {r['p_signflip']:.3g})"
-        lines.append(f"- {r['objective']} − {r['baseline']}{_axes_text(r, axes)}, {MEASURE_LABELS[r['measure']]} "
-                     f"({_n(int(r['strata']), 'cell')}, {int(r['pairs'])} pairs): IQM {interval(m, lo, hi, sign='+')}, "
-                     f"P(improvement) {interval(r['p_improve'], r['p_improve_lo'], r['p_improve_hi'], '.2f')}: "
-                     f"{verdict}.")
-    return lines
-
-
-def cell_lines(paired_rows: pd.DataFrame, axes: list[str], measures: list[str]) -> list[str]:
-    """Per (objective, measure): every cell's paired difference, its effect size and what a null could see."""
-    lines = []
-    for (objective, measure), rows in paired_rows.groupby(["objective", "measure"], sort=False):
-        if measure not in measures:
-            continue
-        parts = []
-        for _, r in rows.iterrows():
-            where = f"{_cell(r.batch_ratio, r.iterations)}{_axes_text(r, axes)}"
-            if r.verdict == "identical":
-                parts.append(f"{where}: identical (all {r.n} differences exactly 0)")
-            elif r.verdict == "too few seeds":
-                parts.append(f"{where}: {r.n} pair(s), no claim")
-            else:
-                claim = (f"**{objective} {r.verdict}**" if r.verdict in ("higher", "lower")
-                         else f"no difference larger than {r.mde:.3f}")
-                parts.append(f"{where}: {claim}, {interval(r.mean_diff, r.lo, r.hi, sign='+')} "
-                             f"(d_z {r.effect:+.2f}, n {r.n}, MDE {r.mde:.3f})")
-        lines.append(f"- {objective} − {rows['baseline'].iloc[0]}, {MEASURE_LABELS[measure]}: " + "; ".join(parts) + ".")
+            head = r["verdict"]
+        floor = (f"; {int(r['seeds'])} seeds cannot reach p < {alpha:g} (smallest attainable p "
+                 f"{r['p_floor']:.3g})" if r["p_floor"] >= alpha and r["verdict"] not in CLAIMS else "")
+        lines.append(f"- {who}: {head}: {effect} on {int(r['seeds'])} seeds, sign-flip p {r['p_signflip']:.3g}, "
+                     f"Holm-adjusted {r['p_adj']:.3g}{floor}.")
     return lines
 
 
@@ -162,6 +148,9 @@ def collapse_lines(table: pd.DataFrame) -> list[str]:
         parts = [f"{_cell(r.batch_ratio, r.iterations)} {r.collapsed_n}/{r.seeds} "
                  f"[{r.collapse_lo:.2f}, {r.collapse_hi:.2f}] at rollout batch {', '.join(f'{x:g}' for x in r.collapse_rbs)}"
                  for r in hit.itertuples(index=False)]
+        censored = int(rows["censored_n"].sum())
+        if censored:
+            parts.append(f"and {_n(censored, 'run')} fell at the last evaluation only (censored, not counted)")
         lines.append(f"- **{objective}** collapsed in {len(hit)} of {_n(len(rows), 'cell')}: " + "; ".join(parts) + ".")
     return lines
 
@@ -190,40 +179,49 @@ def _info_table(runs: pd.DataFrame, extra: dict[str, pd.Series] | None = None) -
 def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, analysis: dict,
                  figures: dict[str, list[Path]], tables: dict[str, Path], path: str | Path, rules: CollapseRules,
                  command: str) -> Path:
-    """analysis: baseline, measures, axes, paired, aggregate, control, versions, summaries (see pipeline)."""
+    """analysis: baseline, axes, paired, aggregate, collapse, control, versions, summaries, declared,
+    baseline_overridden (see pipeline)."""
     path = Path(path)
     rel = lambda p: Path(p).relative_to(path.parent).as_posix()  # noqa: E731 - links relative to the README
     a = analysis
+    alpha = a["declared"].hypothesis.alpha
     n_cells = table[["batch_ratio", "iterations"]].drop_duplicates().shape[0]
     diverged = int((data.runs["status"] == "diverged").sum())
     md = [f"# {data.study}: {data.scale} scale", "",
           f"Generated by `{command}` from MLflow experiment `{data.experiment}` ({_public_uri(data.source)}): "
           f"{len(data.runs)} runs over {n_cells} (batch ratio × iterations) cells and "
           f"{table['objective'].nunique()} lines; {_n(len(data.excluded), 'cell')} excluded (no complete or "
-          "diverged attempt). Do not edit by hand: rerun the command.", "",
-          "## What was compared, and how", "", *method_lines(a["summaries"], a["baseline"], a["measures"]), "",
-          "## Summary", "", *control_lines(a["control"]), "", *version_lines(a["versions"]), ""]
-    negative = negative_control_lines(a["aggregate"], table, a["baseline"])
-    if negative:
-        md += [*negative, ""]
-    if diverged:
-        md += [f"{_n(diverged, 'run')} diverged; scored 0 from the divergence on.", ""]
+          "diverged attempt). Do not edit by hand: rerun the command.", ""]
     if a["baseline"]:
-        md += ["Aggregate verdict (the headline):", "", *aggregate_lines(a["aggregate"], a["axes"]), "",
-               "Per cell (paired differences):", "", *cell_lines(a["paired"], a["axes"], a["measures"]), ""]
-    md += ["Collapse (rules below), k/n seeds [Clopper-Pearson 95%]:", "", *collapse_lines(table), "",
-           "## Stable regime", "", f"![stable regime]({rel(figures[HEADLINE][0])})", "",
+        agg = a["aggregate"]
+        md += ["## Verdict", "", *question_lines(a["declared"], a["baseline"], agg, a["baseline_overridden"]), "",
+               *headline_lines(agg, a["axes"], alpha), "",
+               tables["aggregate.md"].read_text(), ""]
+    md += [*control_lines(a["control"]), "", *version_lines(a["versions"]), ""]
+    md += [*negative_control_lines(a["aggregate"], table, a["baseline"])]
+    if diverged:
+        md += ["", f"{_n(diverged, 'run')} diverged; scored 0 from the divergence on."]
+    md += ["", "## Limitations: what these results are conditional on", "",
+           *limitation_lines(data, a["summaries"], a["declared"]), "",
+           "## How it was compared", "", *method_lines(a["summaries"]), ""]
+    if a["baseline"]:
+        md += ["## Collapse", "", "Collapsed seeds per cell (rules below), k/n [Clopper-Pearson 95%]:", "",
+               *collapse_lines(table), "", "Paired collapse counts over the contrast cells:", "",
+               tables["collapse.md"].read_text(), ""]
+    md += ["## Stable regime", "", f"![stable regime]({rel(figures[HEADLINE][0])})", "",
            "Final validation reward and its time average (AUC / budget), mean over seeds, scored over the full "
            f"budget; every cell shows k/n seeds collapsed, hatched when k > 0. [PDF]({rel(figures[HEADLINE][1])})", ""]
     if VERDICT in figures:
-        md += ["## Aggregate verdict", "", f"![verdict]({rel(figures[VERDICT][0])})", "",
+        md += ["## Verdicts, seeds as the unit", "", f"![verdict]({rel(figures[VERDICT][0])})", "",
                f"[PDF]({rel(figures[VERDICT][1])})", ""]
     md += ["## Tables", ""]
-    for name, title in [("aggregate", "Aggregate over off-policy cells"), ("paired", "Paired differences per cell"),
+    for name, title in [("paired", "Per cell (detail: Holm over every cell of a measure)"),
                         ("val_reward", "Validation reward"), ("stability", "Stability")]:
         md += [f"### {title}", "", tables[f"{name}.md"].read_text(), f"LaTeX: [{name}.tex]({rel(tables[name + '.tex'])})", ""]
-    md += [f"All numbers: [cells.csv]({rel(tables['cells.csv'])}), [paired.csv]({rel(tables['paired.csv'])}), "
-           f"[aggregate.csv]({rel(tables['aggregate.csv'])}).", "", "## Training curves", "",
+    md += ["All numbers: " + ", ".join(f"[{n}]({rel(tables[n])})" for n in
+                                       ("runs.csv", "aggregate.csv", "collapse.csv", "paired.csv", "cells.csv"))
+           + " (runs.csv: every run's scores and collapse rule, enough to recompute every verdict).", "",
+           "## Training curves", "",
            "Rows: batch ratio; columns: iterations; x: rollout batches; line: mean over seeds; band: "
            f"{LEVEL:.0%} t-interval (none with one seed). Curves show what was logged (a diverged run's line stops).", ""]
     for spec in CURVES:
@@ -235,11 +233,12 @@ def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, a
     md += ["", "## Excluded cells (failed, killed or running: not in any number)", ""]
     md += [_info_table(data.excluded, {"MLflow status": data.excluded["mlflow_status"],
                                        "note": data.excluded["note"].map(_short)}) if len(data.excluded) else "None.", ""]
-    collapsed = verdicts.set_index("run_id")["collapsed"]
+    rule = verdicts.set_index("run_id")
     md += ["## Runs behind every number", "",
            "Each table row and figure line averages the runs of its (batch ratio, iterations, objective); only the "
            "latest complete or diverged attempt of a cell counts.", "",
-           _info_table(data.runs, {"collapsed": data.runs["run_id"].map(collapsed).map({True: "yes", False: "no"}),
+           _info_table(data.runs, {"collapse": data.runs["run_id"].map(lambda r: _short(rule.at[r, "reason"], 60)
+                                                                       if r in rule.index else ""),
                                    "note": data.runs["note"].map(_short)})]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(md))

@@ -5,7 +5,8 @@ A line is an objective plus any extra sweep axes (analysis.runs.line_label). Col
   (failed, killed or still running), never averaged in;
 - <measure>_mean/_lo/_hi for the validation scores of analysis.summary: mean and 95% t-interval over seeds
   (a description of one arm; comparisons between objectives are analysis.paired's);
-- collapsed_n, collapse_lo/_hi (Clopper-Pearson 95%), collapse_rbs: analysis.collapse;
+- collapsed_n, collapse_lo/_hi (Clopper-Pearson 95%), collapse_rbs: analysis.collapse; censored_n: seeds whose
+  validation fell only at the last evaluation (unconfirmed, not in collapsed_n);
 - fell_n, fell_rbs: seeds whose validation fell below start (analysis.summary); above_start_rmean: restricted
   mean of the rollout batches spent at or above start, a run that never fell counted at the budget (censored);
 - ratio statistics and grad_clipped_frac: means over seeds of analysis.summary's per-run values, NaN ("n/a")
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.paired import with_axis_columns
+from analysis.paired import axis_names, with_axis_columns
 from analysis.stats import clopper_pearson, mean_ci
 from analysis.style import objective_order
 
@@ -28,9 +29,11 @@ MEAN_COLUMNS = ["mean_clip_ratio", "mean_ratio_abs_dev", "mean_rollout_kl", "pea
 
 def cell_table(summaries: pd.DataFrame, verdicts: pd.DataFrame, excluded: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (batch_ratio, iterations, objective line); see the module docstring for the columns."""
-    runs = summaries.merge(verdicts[["run_id", "collapsed", "rollout_batch"]].rename(
-        columns={"rollout_batch": "collapse_rb"}), on="run_id", how="left")
+    runs = summaries.drop(columns="collapsed", errors="ignore").merge(
+        verdicts[["run_id", "collapsed", "censored", "rollout_batch"]].rename(columns={"rollout_batch": "collapse_rb"}),
+        on="run_id", how="left")
     runs["collapsed"] = runs["collapsed"].fillna(False).astype(bool)
+    runs["censored"] = runs["censored"].fillna(False).astype(bool)
     runs["fell"] = runs["fell_rb"].notna()
     runs["steps_bad"] = runs["steps_ok"] == "false"
     g = runs.groupby(GRID, sort=True)
@@ -39,6 +42,7 @@ def cell_table(summaries: pd.DataFrame, verdicts: pd.DataFrame, excluded: pd.Dat
         run_ids=("run_id", lambda s: sorted(s)),
         collapsed_n=("collapsed", "sum"),
         collapse_rbs=("collapse_rb", lambda s: sorted(s.dropna())),
+        censored_n=("censored", "sum"),
         fell_n=("fell", "sum"),
         fell_rbs=("fell_rb", lambda s: sorted(s.dropna())),
         above_start_rmean=("above_start_rb", "mean"),
@@ -76,3 +80,20 @@ def csv_frame(table: pd.DataFrame) -> pd.DataFrame:
               for c in ("run_ids", "collapse_rbs", "fell_rbs")}
     return table.assign(**joined).drop(columns=["extra_axes"])
 
+
+
+RUN_COLUMNS = ["run_id", "objective", "base_objective", "batch_ratio", "iterations", "seed", "status", "budget",
+               "start_val", "final_val", "lastk_val", "auc_val", "gain_val", "peak_val", "fell_rb", "collapsed",
+               "censored", "collapse_rule", "collapse_step", "collapse_rollout_batch", "grad_clipped_frac",
+               "mean_clip_ratio", "mean_ratio_abs_dev", "steps_min", "steps_max"]
+
+
+def run_table(summaries: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv: one row per run, every score and which collapse rule fired (or was censored) at which step,
+    so every verdict can be recomputed from the repository; extra sweep axes as their own columns."""
+    rules = verdicts.rename(columns={"reason": "collapse_rule", "step": "collapse_step",
+                                     "rollout_batch": "collapse_rollout_batch"})
+    runs = with_axis_columns(summaries.drop(columns="collapsed", errors="ignore").merge(rules, on="run_id",
+                                                                                        how="left"))
+    order = RUN_COLUMNS[:6] + axis_names(summaries) + RUN_COLUMNS[6:]
+    return runs[order].sort_values(["batch_ratio", "iterations", "objective", "seed"]).reset_index(drop=True)

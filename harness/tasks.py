@@ -6,6 +6,7 @@ for the offline proxy the worked solutions used by the supervised warm start and
 from __future__ import annotations
 
 import random
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,29 @@ class ChainSum(Task):
     def score(self, completion: str, answer: str) -> float:
         head, sep, final = completion.strip().rpartition(";")
         return float(bool(sep) and final == answer)
+
+
+class TieBreakReward:
+    """Mixin for tests of the training machinery, never a study task: the RL reward is the task's exact match plus
+    a tie-break in [0, 0.01) that is a fixed function (CRC-32) of the completion, so different completions of a
+    prompt score differently and GRPO's advantages are non-zero whatever a weak model samples (exact match alone
+    can give every completion 0, hence zero advantages and gradients). A right answer still outscores any wrong
+    one, and validation stays exact match."""
+
+    def reward_func(self, eos_token_id: int | None):
+        exact = super().reward_func(eos_token_id)
+
+        def correct_answer_or_tie_break(completions, answer, completion_ids=None, **kw):
+            keys = map(repr, completions if completion_ids is None else map(list, completion_ids))
+            return [r + 0.01 * zlib.crc32(k.encode()) / 2 ** 32
+                    for r, k in zip(exact(completions, answer, completion_ids=completion_ids, **kw), keys)]
+
+        return correct_answer_or_tie_break
+
+
+@register_task("chain-sum-probe")
+class ChainSumProbe(TieBreakReward, ChainSum):
+    """chain-sum with the tie-break reward; same name, so the same cached warm-started proxy."""
 
 
 import harness.tasks_reasoning  # noqa: E402,F401  (registers gsm8k and math)

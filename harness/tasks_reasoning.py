@@ -38,7 +38,7 @@ from typing import Any
 from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 
-from harness.tasks import Row, Task, register_task
+from harness.tasks import Row, Task, TieBreakReward, register_task
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,11 @@ class GSM8K(_ReasoningTask):
             return None
         return Row(prompt=_prompt(record["question"]), answer=final,
                    solution=gsm8k_solution(record["answer"], final))
+
+
+@register_task("gsm8k-probe")
+class GSM8KProbe(TieBreakReward, GSM8K):
+    """GSM8K with the tie-break reward (harness.tasks.TieBreakReward), for tests of the paper-scale path."""
 
 
 @register_task("math")

@@ -299,16 +299,20 @@ def test_cli_figures_writes_everything(store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "16 runs (16 read from MLflow, 0 from cache)" in out and "on-policy control: FAILED" in out
     # this synthetic study's on-policy arms differ (STABLE vs STABLE1): the report must say so loudly
-    assert "**CONTROL FAILED**" in readme and "Aggregate verdict (the headline)" in readme
+    assert "**CONTROL FAILED**" in readme and readme.index("## Verdict") < readme.index("## Limitations")
     paired = pd.read_csv(root / "tables" / "paired.csv")
     assert {"batch_ratio", "iterations", "objective", "baseline", "measure", "n", "mean_diff", "lo", "hi", "mde",
             "verdict"} <= set(paired.columns)
-    assert {"final_val", "auc_val", "lastk_val", "gain_val"} == set(paired["measure"])
+    assert {"final_val", "auc_val", "lastk_val"} == set(paired["measure"])  # gain would count final twice
     assert set(paired["objective"]) == {"cfpo"} and set(paired["baseline"]) == {"grpo"}
     row = paired[(paired["batch_ratio"] == 1) & (paired["iterations"] == 1) & (paired["measure"] == "final_val")]
     assert row["n"].item() == 2 and row["mean_diff"].item() == pytest.approx(((0.6 - 0.6) + (0.7 - 0.0)) / 2)
     agg = pd.read_csv(root / "tables" / "aggregate.csv")
-    assert set(agg["measure"]) == {"final_val", "auc_val", "lastk_val", "gain_val"} and (agg["strata"] == 3).all()
+    assert list(agg.columns[:4]) == ["objective", "baseline", "measure", "verdict"]  # the tooling contract
+    assert list(agg["measure"]) == ["auc_val", "final_val", "lastk_val"]  # the declared primary first
+    assert list(agg["role"]) == ["primary", "secondary", "secondary"] and (agg["cells"].str.count("x") == 3).all()
+    runs = pd.read_csv(root / "tables" / "runs.csv")
+    assert len(runs) == 16 and {"run_id", "seed", "auc_val", "collapsed", "censored", "collapse_rule"} <= set(runs)
     assert (root / "figures" / "verdict.png").exists() and "figures/verdict.png" in readme
 
 
@@ -318,8 +322,12 @@ def test_cli_tables_only_and_errors(store, tmp_path, capsys):
     assert (tmp_path / "m" / "proxy" / "tables" / "stability.md").exists()
     assert not (tmp_path / "m" / "proxy" / "figures").exists()
     capsys.readouterr()
-    for argv, message in [(["figures", "m"], "'grad_norm' was not logged"),
-                          (["figures", "nosuch"], "no MLflow experiment"),
+    # a diagnostic no run logged is n/a, not a refusal: m has no grad_norm, and gets every other figure
+    assert main(["figures", "m", *common]) == 0
+    assert not (tmp_path / "m" / "proxy" / "figures" / "grad_norm.png").exists()
+    assert "grad_norm" in (tmp_path / "m" / "proxy" / "README.md").read_text().split("Not logged by any run")[1]
+    capsys.readouterr()
+    for argv, message in [(["figures", "nosuch"], "no MLflow experiment"),
                           (["tables", "f"], "no complete or diverged runs"),
                           (["tables", "s", "--rule", "val_drop=2"], "--rule val_drop")]:
         assert main([*argv, *common]) == 2
@@ -330,7 +338,7 @@ def test_cli_tables_only_and_errors(store, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["tables", "s", "--baseline", "ppo"], "--baseline 'ppo' is not an objective of this study; allowed: grpo, cfpo"),
     (["tables", "m", "--baseline", "grpo"], "the study has one objective (grpo)"),
-    (["figures", "s", "--measure", "peak"], "--measure 'peak' does not exist; allowed: final_val, lastk_val"),
+    (["figures", "s", "--spec", "/nonexistent/s.yaml"], "--spec /nonexistent/s.yaml: no such file"),
     (["tables", "s", "--only", "nosuch=1"], "--only nosuch: no run has this param"),
     (["tables", "s", "--only", "novalue"], "--only expects KEY=VALUE"),
     (["tables", "s", "--cache-dir", "/etc/hostname/cache"], "/etc/hostname is a file; allowed: a folder"),
@@ -380,3 +388,25 @@ def test_bench_times_cold_and_warm(store):
     result = benchmark("c", "proxy", tracking_uri=store["uri"])
     assert result.cold.fetched_runs == 2 and result.warm.cached_runs == 1  # the open run is never cached
     assert result.ratio > 0 and "ratio cold/warm" in result.describe()
+
+
+def test_the_declared_hypothesis_is_what_is_tested(store, tmp_path, capsys):
+    """A sweep file's hypothesis: picks the primary measure and cells; a declared cell the study did not run,
+    a spec of another study, or a bad field is one line, exit 2, nothing written."""
+    spec = tmp_path / "s.yaml"
+    common = ["--results-dir", str(tmp_path / "results"), "--tracking-uri", store["uri"], "--spec", str(spec)]
+    spec.write_text("study: s\nhypothesis: {measure: final_val, cells: [[2, 2]], margin: 0.05}\n")
+    assert main(["tables", "s", *common]) == 0
+    agg = pd.read_csv(tmp_path / "results" / "s" / "proxy" / "tables" / "aggregate.csv")
+    assert (agg.loc[0, "measure"], agg.loc[0, "role"], agg.loc[0, "cells"], agg.loc[0, "margin"]) == (
+        "final_val", "primary", "2x2", 0.05)
+    assert "primary (final_val, mean over 2x2): cfpo - grpo" in capsys.readouterr().out
+    for text, message in [("study: s\nhypothesis: {cells: [[8, 8]]}\n", "hypothesis.cells: (8, 8) not in this study"),
+                          ("study: t\n", "declares study 't', not 's'"),
+                          ("study: s\nhypothesis: {measure: gain_val}\n", "hypothesis.measure")]:
+        spec.write_text(text)
+        out = tmp_path / "bad"
+        assert main(["tables", "s", "--results-dir", str(out), "--tracking-uri", store["uri"], "--spec", str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not out.exists()

@@ -73,11 +73,28 @@ def test_diverged_run_is_scored_zero_from_the_divergence_over_the_full_budget():
 def test_val_rule_needs_drop_and_no_recovery():
     rules = CollapseRules()
     steps = np.arange(5) * 10
-    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.2, 0.1, 0.1]), rules) == 20
-    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.2, 0.5, 0.55]), rules) is None  # back to >= 80%
-    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.35, 0.3, 0.3]), rules) is None  # never below 50%
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.2, 0.1, 0.1]), rules) == (20, False)
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.2, 0.5, 0.55]), rules) == (None, False)  # back to >= 80%
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.35, 0.3, 0.3]), rules) == (None, False)  # never below 50%
     loose = CollapseRules(val_drop=0.3)
-    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.35, 0.3, 0.3]), loose) == 20
+    assert val_collapse_step(steps, np.array([0.2, 0.6, 0.35, 0.3, 0.3]), loose) == (20, False)
+
+
+def test_val_rule_needs_two_consecutive_evaluations_else_censored():
+    """One low evaluation between healthy ones is not a collapse; a fall seen only at the last evaluation
+    cannot be confirmed: flagged censored, with its step, and not counted."""
+    rules = CollapseRules()  # below 50% of the peak starts a collapse; a final value under 80% is no recovery
+    steps = np.arange(5) * 10
+    assert val_collapse_step(steps, np.array([0.6, 0.2, 0.4, 0.2, 0.4]), rules) == (None, False)  # single dips
+    assert val_collapse_step(steps, np.array([0.6, 0.5, 0.5, 0.2, 0.1]), rules) == (30, False)  # two in a row
+    assert val_collapse_step(steps, np.array([0.6, 0.5, 0.5, 0.5, 0.1]), rules) == (40, True)  # last one only
+    curve = {"val/reward": pd.DataFrame({"step": steps, "value": [0.6, 0.5, 0.5, 0.5, 0.1]})}
+    v = judge_run(curve, "complete", 2, rules)
+    assert not v.collapsed and v.censored and v.step == 40 and v.rollout_batch == 20
+    assert "censored" in v.reason
+    v = judge_run({"val/reward": pd.DataFrame({"step": steps, "value": [0.6, 0.5, 0.5, 0.2, 0.1]})}, "complete", 1,
+                  rules)
+    assert v.collapsed and not v.censored and v.step == 30
 
 
 def test_entropy_rules_need_patience():
@@ -178,11 +195,11 @@ def test_negative_control_says_when_the_setting_does_not_test_trust_regions():
                           "objective": ["grpo", "pg-is", "grpo", "pg-is"], "collapsed_n": [0, 0, 0, 3],
                           "seeds": [3, 3, 3, 3]})
     agg = pd.DataFrame({"objective": ["pg-is", "pg-is"], "measure": ["final_val", "auc_val"],
-                        "verdict": ["lower", "no detectable difference"]})
+                        "verdict": ["lower", "inconclusive"]})
     met = negative_control_lines(agg, table, "grpo")
     assert len(met) == 1 and met[0].startswith("Negative control met: pg-is")
     assert "final val reward" in met[0] and "pg-is 3/3, grpo 0/3" in met[0]  # off-policy cells only
-    agg["verdict"] = "no detectable difference"
+    agg["verdict"] = "inconclusive"
     (unmet,) = negative_control_lines(agg, table, "grpo")
     assert unmet.startswith("**Negative control not met**") and "does not exercise the question" in unmet
     assert negative_control_lines(agg[agg["objective"] == "cfpo"], table, "grpo") == []  # no pg-is: no line

@@ -8,6 +8,12 @@ of the test process (so it does not take over pytest's signal handlers), because
 `gpus_per_job` > 1 on a machine without CUDA GPUs, as it should for users.
 What still needs CUDA, and stays a stand-in in tests/test_multi_gpu.py: pinning each worker to its own GPUs, and
 ZeRO-2 (DeepSpeed).
+
+The cells train on `chain-sum-probe` (harness.tasks), not the study's exact-match `chain-sum`: on some machines the
+tiny proxy samples no right answer in three rollout batches, every reward is 0, every advantage and gradient is 0 and
+nothing can be said about training. The probe's reward adds a tie-break that is a fixed function of each completion,
+so any group whose sampled completions differ at all (every one, in practice, at temperature 1) has non-zero
+advantages, whatever the model gets right: that the weights moved is then a property of the code, not of the draw.
 """
 from __future__ import annotations
 
@@ -15,22 +21,25 @@ import json
 import threading
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from conftest import TINY_JOB
 from harness.config import parse_overrides
 from harness.sweep.ledger import DEEPSPEED, GPUS_PER_JOB, Ledger, open_storage
 from harness.sweep.spec import load_spec, make_plan
 from harness.sweep.worker import Worker, WorkerOptions
+from harness.tasks import get_task
 
 ROLLOUT_BATCHES = 3
 # conftest's TINY_JOB as a sweep base: the session's proxy (built by the first cell's rank 0 when no earlier test
-# built it; the other rank waits for it).
+# built it; the other rank waits for it; chain-sum-probe shares chain-sum's proxy), saved after training.
 SPEC = {
     "study": "mproc",
-    "base": {**parse_overrides(TINY_JOB), "model": "proxy", "task": "chain-sum", "batch_ratio": 2,
-             "rollout_batches": ROLLOUT_BATCHES, "val_prompts": 8},
+    "base": {**parse_overrides(TINY_JOB), "model": "proxy", "task": "chain-sum-probe", "batch_ratio": 2,
+             "rollout_batches": ROLLOUT_BATCHES, "val_prompts": 8, "save_model": True},
     "axes": {"objective": ["grpo", "cfpo"]},
     "seeds": [0],
     "scales": {"paper": {"base": {}}, "proxy": {"base": {}}},
@@ -68,7 +77,23 @@ def two_process_sweep(tmp_path, proxy_cache, monkeypatch):
     return ledger, results / "mproc" / "proxy", MlflowClient(uri)
 
 
+def test_probe_reward_separates_different_completions():
+    """What the multi-process cells rely on: a group's rewards differ whenever its completions do, even when no
+    answer is right, and a right answer still outscores any wrong one (exact match plus less than 0.01)."""
+    eos = 3
+    reward = get_task("chain-sum-probe").reward_func(eos_token_id=eos)
+    texts = ["1+2=3,3+4=7;7", "1+2=3,3+4=8;8", "1+2=3,3+4=8;9", "1+2=3,3+4=8;9"]
+    ids = [[5, 6, eos], [5, 7, eos], [5, 8, eos], [5, 8]]  # the last one never ended: exact match scores it 0
+    got = reward(texts, answer=["7"] * 4, completion_ids=ids)
+    assert len(set(got)) == 4 and got == reward(texts, answer=["7"] * 4, completion_ids=ids)  # distinct, fixed
+    assert 1 <= got[0] < 1.01 and all(0 <= r < 0.01 for r in got[1:])
+    assert get_task("chain-sum-probe").score("1+2=3,3+4=7;7.5", "7") == 0.0  # validation: exact match only
+
+
 def test_two_process_cells_of_each_objective(two_process_sweep):
+    """Both objectives train as 2-process cells, and training did something: the saved weights differ from the
+    proxy's. With the probe reward this holds by construction, so a failure means the gradients were not computed
+    or not applied, not that the sampler drew no right answer (see the module docstring)."""
     ledger, sweep_dir, client = two_process_sweep
     cells = ledger.cells()
     assert sorted(c.axes["objective"] for c in cells) == ["cfpo", "grpo"]
@@ -99,5 +124,11 @@ def test_two_process_cells_of_each_objective(two_process_sweep):
         assert tokens[first] == pytest.approx(16 * (PROMPT_TOKENS + length[first]))
         val = client.get_metric_history(run.info.run_id, "val/reward")
         assert [m.step for m in val] == [0, 2, 4, 6]  # once per rollout batch, on rank 0 only
-        # The weights did move: gradients averaged over both ranks were applied.
+        # Some group's completions differed, so its advantages were non-zero: what the probe reward guarantees
+        # unless every group sampled one completion 4 times over (then the next assertions could not hold).
+        assert min(m.value for m in client.get_metric_history(run.info.run_id, "frac_reward_zero_std")) < 1
+        # The weights did move: gradients (all-reduced over both ranks by DDP) were computed and applied.
         assert max(m.value for m in client.get_metric_history(run.info.run_id, "grad_norm")) > 0
+        before = load_file(f"{run.data.params['proxy.path']}/model.safetensors")
+        after = load_file(sweep_dir / "jobs" / run.data.tags["harness.cell"] / "model" / "model.safetensors")
+        assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)

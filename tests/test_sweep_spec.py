@@ -89,7 +89,7 @@ def _bad(spec: dict, **edits) -> dict:
         node = out
         *parents, leaf = dotted.split("/")
         for p in parents:
-            node = node[p]
+            node = node.setdefault(p, {})
         if value is ...:
             del node[leaf]
         else:
@@ -124,6 +124,11 @@ BAD = [
      "axes.batch_ratio+iterations: duplicate value"),
     ("knob the objective does not use", _bad(TINY, **{"axes/objective": ["grpo", "pg-is"], "base/trl/epsilon": 0.2}),
      "trl.epsilon is not used by objective 'pg-is'; its knobs: none"),
+    ("hypothesis: unknown measure", _bad(TINY, **{"hypothesis/measure": "gain_val"}), "hypothesis.measure: Input"),
+    ("hypothesis: baseline not an objective", _bad(TINY, **{"hypothesis/baseline": "ppo"}),
+     "hypothesis.baseline 'ppo' is not an objective of this sweep; allowed: grpo"),
+    ("hypothesis: alpha out of range", _bad(TINY, **{"hypothesis/alpha": 0.5}), "hypothesis.alpha: Input should be less"),
+    ("hypothesis: unknown field", _bad(TINY, **{"hypothesis/primary": "auc"}), "hypothesis.primary: unknown field"),
 ]
 
 

@@ -38,8 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 PATCH_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
 ROLLOUT_BATCHES = 4
-CELL = {  # batch_ratio 2: two optimizer steps per rollout batch, so the sync after each one matters
-    "task": "gsm8k", "batch_ratio": 2, "rollout_batches": ROLLOUT_BATCHES, "generation_batch_size": 16,
+# batch_ratio 2: two optimizer steps per rollout batch, so the sync after each one matters. gsm8k-probe is GSM8K
+# with a per-completion tie-break added to the reward (harness.tasks.TieBreakReward): advantages, gradients and
+# weight updates are non-zero whatever the tiny model samples on this machine, so the sync always has something
+# to carry (exact match alone can score every completion 0 on another CPU).
+CELL = {
+    "task": "gsm8k-probe", "batch_ratio": 2, "rollout_batches": ROLLOUT_BATCHES, "generation_batch_size": 16,
     "eval_every": 2, "val_prompts": 8,
     "trl": {"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 24,
             "learning_rate": 3.0e-4, "use_vllm": True, "vllm_mode": "colocate"},
@@ -160,7 +164,7 @@ def test_sweep_runs_a_vllm_cell_of_each_objective(jobs):
         assert IS_METRICS <= set(run.data.metrics)
         assert len(history(client, run.info.run_id, "sampling/importance_sampling_ratio/mean")) == ROLLOUT_BATCHES
         assert history(client, run.info.run_id, "rollout/steps_on_batch")[-2:] == [1, 2]
-        # Rewards were earned and the weights moved (so each sync had something to carry).
+        # Completions were scored and the weights moved (so each sync had something to carry).
         assert max(history(client, run.info.run_id, "reward")) > 0
         assert max(history(client, run.info.run_id, "grad_norm")) > 0
         assert len(history(client, run.info.run_id, "val/reward")) == 3  # steps 0, 4, 8: greedy validation

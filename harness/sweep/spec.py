@@ -31,6 +31,7 @@ from harness.config import (
     parse_value,
     shape_of,
 )
+from harness.hypothesis import Hypothesis
 from harness.sweep.cost import cell_cost
 
 SCALES: tuple[str, ...] = ("paper", "proxy", "proxy-full")
@@ -112,6 +113,19 @@ class SweepSpec(BaseModel):
     seeds: list[StrictInt] = Field(default_factory=lambda: [0], description="replicate seeds; each cell runs "
                                                                             "once per seed")
     scales: Scales = Field(description="per-scale overrides of base, axes and seeds")
+    hypothesis: Hypothesis = Field(default_factory=Hypothesis, description="the primary question, declared before "
+                                   "the runs: what the analysis tests and corrects for (harness/hypothesis.py)")
+    learning_rate_from: str = Field("", description="where the learning rate came from (e.g. an on-policy "
+                                    "calibration of one objective); the report's limitations quote it")
+
+    @model_validator(mode="after")
+    def _baseline_is_an_objective(self) -> SweepSpec:
+        base = self.hypothesis.baseline
+        objectives = self.axes.get("objective", [self.base.get("objective")])
+        if base is not None and base not in objectives:
+            raise ValueError(f"hypothesis.baseline {base!r} is not an objective of this sweep; allowed: "
+                             f"{', '.join(map(str, objectives))}")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""What a study declared before its runs: the `hypothesis:` and `learning_rate_from:` of its sweep file.
+
+The sweep file is `--spec PATH`, else `sweeps/<study>.yaml` under the working directory or the repository. A
+study without a sweep file, or a sweep file without `hypothesis:`, gets the default question (harness.hypothesis)
+and the report says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from analysis.errors import AnalysisError
+from harness.hypothesis import Hypothesis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    hypothesis: Hypothesis
+    source: str  # where it was declared: "sweeps/x.yaml", or why it is the default
+    learning_rate_from: str  # "" when the sweep file does not say
+
+
+def find_spec(study: str, spec: str | Path | None) -> Path | None:
+    if spec is not None:
+        if not Path(spec).is_file():
+            raise AnalysisError(f"--spec {spec}: no such file; allowed: a sweep file (sweeps/NAME.yaml)")
+        return Path(spec)
+    return next((p for p in (Path("sweeps") / f"{study}.yaml", REPO / "sweeps" / f"{study}.yaml") if p.is_file()),
+                None)
+
+
+def declared(study: str, spec: str | Path | None = None) -> Declared:
+    """The declared question of `study`; AnalysisError for a sweep file that is not valid or names another study."""
+    path = find_spec(study, spec)
+    if path is None:
+        return Declared(Hypothesis(), f"default (no sweeps/{study}.yaml)", "")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AnalysisError(f"--spec {path}: cannot be read as YAML ({str(e).splitlines()[0]})") from None
+    if raw.get("study") != study:
+        raise AnalysisError(f"--spec {path}: declares study {raw.get('study')!r}, not {study!r}; allowed: the "
+                            f"sweep file of {study}")
+    try:
+        hypothesis = Hypothesis.model_validate(raw.get("hypothesis") or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise AnalysisError(f"{path}: hypothesis.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    shown = path.resolve().relative_to(REPO).as_posix() if path.resolve().is_relative_to(REPO) else str(path)
+    source = shown if "hypothesis" in raw else f"default ({shown} declares no hypothesis)"
+    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""))
