@@ -10,11 +10,14 @@
 | `pooling` | no silent pooling: runs of one line must be replicates (`--only` selects); code versions |
 | `load` | MLflow (or the cache) -> `StudyData`, the long table |
 | `collapse` | configurable collapse rules and their per-run verdicts |
-| `stats` | t-intervals, paired differences, power (MDE), Clopper-Pearson, stratified bootstrap (scipy.stats) |
+| `question` | the study's declared hypothesis, read from its sweep file |
+| `stats` | t-intervals, paired differences, power, Clopper-Pearson, sign-flip, TOST, Holm, McNemar (scipy.stats) |
 | `summary` | per-run scores over the full budget (final, last-k, AUC, gain, falls below start, ratio stats) |
-| `paired` | objective minus baseline per seed and cell, the aggregate verdict, the on-policy control |
+| `paired` | objective minus baseline per seed and cell (Holm per measure), the verdict words, the on-policy control |
+| `verdicts` | the verdicts with the seed as the unit: the declared primary question first, corrected by family |
+| `limitations` | what the results are conditional on, read from the runs |
 | `style` | colorblind-safe colours and line styles per objective |
-| `figures` | curve grids, the stable-regime map, the aggregate verdict |
+| `figures` | curve grids, the stable-regime map, the verdict figure |
 | `tables` | per (cell, line) numbers over seeds |
 | `formatting` | the tables as Markdown, LaTeX and CSV |
 | `report` | `README.md` of a study: method, control, verdict, tables, figures, run ids |

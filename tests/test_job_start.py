@@ -63,10 +63,11 @@ def tables(env: dict[str, str], results: Path) -> dict[str, str]:
     out = {}
     for path in sorted((results / "grpo-vs-cfpo" / "proxy" / "tables").iterdir()):
         text = path.read_text()
-        if path.name == "cells.csv":  # run ids are random per run: blank them, keep everything else
+        ids = {"cells.csv": "run_ids", "runs.csv": "run_id"}.get(path.name)
+        if ids:  # run ids are random per run: blank them, keep everything else
             rows = list(csv.DictReader(io.StringIO(text)))
             for r in rows:
-                r["run_ids"] = ""
+                r[ids] = ""
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()

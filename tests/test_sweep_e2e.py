@@ -82,3 +82,26 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
     status = harness(env, "status", "grpo-vs-cfpo", "--results-dir", str(results))
     assert status.returncode == 0, status.stderr
     assert all(h in status.stdout for h in cells) and "4 complete" in status.stdout
+
+
+def test_a_study_without_gradient_clipping_still_gets_its_verdict(tmp_path):
+    """`--set trl.max_grad_norm=0` (the README's ablation knob, used alone): no run logs `grad_clipped`, and the
+    analysis must still write its verdict, tables and figures, with the clipping diagnostics as n/a."""
+    results = tmp_path / "results"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("HARNESS_TRAIN_CMD", None)
+    env.pop("HARNESS_RESULTS", None)
+    sets = [a for s in [*TINY, "trl.max_grad_norm=0"] for a in ("--set", s)]
+    done = harness(env, "sweep", "grpo-vs-cfpo", "--scale", "proxy", "--workers", "2", "--results-dir", str(results),
+                   *sets)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = subprocess.run([sys.executable, "-m", "analysis", "figures", "grpo-vs-cfpo", "--scale", "proxy",
+                              "--results-dir", str(results)], env=env, capture_output=True, text=True, timeout=300)
+    assert figures.returncode == 0, figures.stdout + figures.stderr
+    assert "primary (auc_val, mean over 2x1): cfpo - grpo" in figures.stdout
+    study = results / "grpo-vs-cfpo" / "proxy"
+    readme = (study / "README.md").read_text()
+    assert "## Verdict" in readme and "max_grad_norm 0.0; how often it acted was not logged (n/a)" in readme
+    assert "grad_clipped" in readme.split("Not logged by any run")[1]
+    assert "| n/a |" in (study / "tables" / "stability.md").read_text()
+    assert (study / "figures" / "verdict.png").exists() and not (study / "figures" / "grad_clipped.png").exists()
