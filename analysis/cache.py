@@ -1,7 +1,7 @@
 """Per-run parquet cache of finished runs, so regenerating never asks MLflow again for what cannot change.
 
-Layout of the cache folder:
-- `runs/<run_id>.parquet`: the run's metric rows (step, metric, value); the parquet schema metadata holds
+Layout of the cache folder (by default results/<study>/<scale>/runs/, committed with the study):
+- `<run_id>.parquet`: the run's metric rows (step, metric, value); the parquet schema metadata holds
   the RunInfo and the metric keys that were fetched (a key the run never logged is fetched-and-absent).
 - `excluded.json`: per experiment, the failed/running cells seen by the last load that reached MLflow, so
   a report made from the cache alone still lists them.
@@ -37,7 +37,7 @@ class CachedRun:
 class RunCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.runs_dir = self.folder / "runs"
+        self.runs_dir = self.folder
 
     def _path(self, run_id: str) -> Path:
         return self.runs_dir / f"{run_id}.parquet"

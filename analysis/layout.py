@@ -1,4 +1,8 @@
-"""Where a study's outputs live; the published files sit under results/<study>/<scale>/ (caches are git-ignored)."""
+"""Where a study's outputs live: results/<study>/<scale>/{README.md,figures,tables,runs}, all of it published.
+
+`runs/` holds one parquet file per finished run (its RunInfo, params, tags and the metric curves the analysis
+reads; analysis.cache): the runs travel with the results, so a fresh clone, with no MLflow store, regenerates
+every figure, table and the report from them with the same command."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +13,7 @@ from pathlib import Path
 @dataclasses.dataclass(frozen=True)
 class StudyPaths:
     root: Path  # results/<study>/<scale>
-    cache: Path  # per-run parquet files of finished runs
+    cache: Path  # runs/: per-run parquet files of finished runs (published with the study)
     figures: Path
     tables: Path
 
@@ -22,7 +26,7 @@ def study_paths(results_dir: str | Path, study: str, scale: str, cache_dir: str 
     root = Path(results_dir) / study / scale
     return StudyPaths(
         root=root,
-        cache=Path(cache_dir) if cache_dir is not None else root / "cache",
+        cache=Path(cache_dir) if cache_dir is not None else root / "runs",
         figures=root / "figures",
         tables=root / "tables",
     )

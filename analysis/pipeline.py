@@ -111,7 +111,8 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
         analysis = {"baseline": base, "axes": axes, "paired": paired_rows, "aggregate": agg, "collapse": collapse,
                     "control": ctl, "versions": code_versions(_infos(data)), "summaries": summaries,
                     "declared": decl, "baseline_overridden": baseline is not None and baseline != hyp.baseline}
-        report = write_report(data, verdicts, table, analysis, figs, tables, paths.readme, rules, command)
+        report = write_report(data, verdicts, table, analysis, figs, tables, paths.readme, rules, command,
+                              paths.cache)
         lap("report")
     return Outputs(data, verdicts, summaries, table, paired_rows, agg, collapse, ctl, decl, base, tables, figs,
                    report, seconds)

@@ -176,7 +176,7 @@ def test_open_run_is_loaded_but_not_cached(store, tmp_path):
     assert len(first.runs) == 2 and first.fetched_runs == 2
     second = load_study("c", "proxy", tracking_uri=store["uri"], cache_dir=tmp_path)
     assert (second.fetched_runs, second.cached_runs) == (1, 1)
-    assert not (tmp_path / "runs" / f"{store['ids'][('c', 1)]}.parquet").exists()
+    assert not (tmp_path / f"{store['ids'][('c', 1)]}.parquet").exists()
 
 
 def test_empty_study_and_missing_metric_errors(store, tmp_path):
@@ -410,3 +410,24 @@ def test_the_declared_hypothesis_is_what_is_tested(store, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_published_runs_regenerate_the_study_without_mlflow(store, tmp_path, capsys):
+    """The runs travel with the results (results/<study>/<scale>/runs/): with the MLflow store gone, as on a
+    fresh clone, the same command writes the same report, tables and figures, byte for byte."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(store["db"], db)
+    argv = ["figures", "s", "--scale", "proxy", "--results-dir", str(tmp_path / "results"), "--tracking-uri",
+            f"sqlite:///{db}"]
+    assert main(argv) == 0
+    study = tmp_path / "results" / "s" / "proxy"
+    first = {p.relative_to(study): p.read_bytes() for p in sorted(study.rglob("*")) if p.is_file()}
+    assert any(p.parts[0] == "runs" and p.suffix == ".parquet" for p in first)
+    assert "[runs/](runs/)" in (study / "README.md").read_text()
+    db.unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "0 read from MLflow" in capsys.readouterr().out
+    again = {p.relative_to(study): p.read_bytes() for p in sorted(study.rglob("*")) if p.is_file()}
+    assert again.keys() == first.keys()
+    assert [p for p in first if again[p] != first[p]] == []

@@ -170,7 +170,7 @@ def test_markdown_and_booktabs_latex():
 
 def test_layout(tmp_path):
     p = study_paths(tmp_path, "s", "proxy")
-    assert p.cache == tmp_path / "s/proxy/cache" and p.readme == tmp_path / "s/proxy/README.md"
+    assert p.cache == tmp_path / "s/proxy/runs" and p.readme == tmp_path / "s/proxy/README.md"
     assert study_paths(tmp_path, "s", "proxy", cache_dir=tmp_path / "c").cache == tmp_path / "c"
     assert missing_sqlite_file(f"sqlite:///{tmp_path / 'x.db'}") == tmp_path / "x.db"
     (tmp_path / "x.db").touch()
