@@ -109,7 +109,8 @@ def _clipping_line(summaries: pd.DataFrame, params: list[dict[str, str]]) -> str
     parts = []
     for objective, g in frac.groupby(level="objective", sort=False):
         top = g.idxmax()
-        parts.append(f"{objective} {g.min():.0%}-{g.max():.0%} (most at {top[1]}x{top[2]})")
+        span = f"{g.max():.0%}" if f"{g.min():.0%}" == f"{g.max():.0%}" else f"{g.min():.0%}-{g.max():.0%}"
+        parts.append(f"{objective} {span} (most at {top[1]}x{top[2]})")
     return (f"- Gradient clipping: max_grad_norm {norm}; share of optimizer steps it clipped, range over cells: "
             f"{'; '.join(parts)}. Where the arms differ here, part of a difference between objectives may be "
             "the clipping's (the stability table has every cell).")

@@ -25,6 +25,7 @@ import pandas as pd
 from analysis.errors import AnalysisError
 from analysis.paired import decide, with_axis_columns
 from analysis.stats import holm, mcnemar_exact, paired, seeds_for_power, sign_flip_test, tost
+from analysis.style import objective_order
 from harness.hypothesis import COMPARED_MEASURES, Hypothesis
 
 VERDICT_COLUMNS = ["objective", "baseline", "measure", "verdict", "role", "family_size", "contrast", "cells", "seeds",
@@ -62,7 +63,7 @@ def seed_contrasts(summaries: pd.DataFrame, baseline: str, measure: str, cells: 
     keys = ["batch_ratio", "iterations", *axes, "seed"]
     base = df[df["base_objective"] == baseline].set_index(keys)[measure]
     rows = []
-    for objective in [o for o in dict.fromkeys(summaries["base_objective"]) if o != baseline]:
+    for objective in [o for o in objective_order(summaries["base_objective"]) if o != baseline]:
         arm = df[df["base_objective"] == objective].set_index(keys)[measure]
         diff = (arm - base).dropna().rename("diff").reset_index()
         for key, group in diff.groupby([*axes, "seed"], sort=True):
@@ -146,7 +147,7 @@ def collapse_table(summaries: pd.DataFrame, baseline: str, hypothesis: Hypothesi
     keys = ["batch_ratio", "iterations", *axes, "seed"]
     base = df[df["base_objective"] == baseline].set_index(keys)["collapsed"]
     rows = []
-    for objective in [o for o in dict.fromkeys(summaries["base_objective"]) if o != baseline]:
+    for objective in [o for o in objective_order(summaries["base_objective"]) if o != baseline]:
         arm = df[df["base_objective"] == objective].set_index(keys)["collapsed"]
         joined = pd.concat({"x": arm, "y": base}, axis=1, join="inner").reset_index()
         for key, g in joined.groupby(axes, sort=True) if axes else [((), joined)]:

@@ -204,3 +204,6 @@ def test_negative_control_says_when_the_setting_does_not_test_trust_regions():
     assert unmet.startswith("**Negative control not met**") and "does not exercise the question" in unmet
     assert negative_control_lines(agg[agg["objective"] == "cfpo"], table, "grpo") == []  # no pg-is: no line
     assert negative_control_lines(agg, table, None) == []
+    few = agg.assign(seeds=3, mean=-0.05, lo=-0.09, hi=-0.01, p_floor=0.25)  # 3 seeds: cannot be shown at all
+    (undecided,) = negative_control_lines(few, table, "grpo")
+    assert undecided.startswith("**Negative control undecided**: 3 seeds cannot show pg-is") and "[-0.090" in undecided
