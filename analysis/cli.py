@@ -5,6 +5,8 @@
                                     [--baseline OBJECTIVE] [--spec SWEEP.yaml] [--only PARAM=VALUE ...]
         figures, tables and README.md under RESULTS_DIR/NAME/SCALE/
     python -m analysis tables NAME ...   tables only
+    python -m analysis replicate NAME --against DIR [--scale S] [--results-dir R] [--tracking-uri URI]
+        does a rerun reproduce the published study in DIR (results/NAME/SCALE with runs/)? exit 0 yes, 1 no
     python -m analysis bench [NAME] ...  cold-store vs warm-cache regeneration time (synthetic study by default)
 """
 from __future__ import annotations
@@ -83,6 +85,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicate(args: argparse.Namespace) -> int:
+    from analysis.layout import default_tracking_uri
+    from analysis.replicate import replicate
+
+    checks = replicate(args.name, args.scale, args.against, results_dir=args.results_dir, spec=args.spec,
+                       tracking_uri=args.tracking_uri or default_tracking_uri(args.results_dir))
+    for c in checks:
+        print(f"{'reproduces' if c.reproduces else 'DIFFERS   '}  {c.what}: rerun {c.rerun}, published {c.published}")
+    failed = sum(not c.reproduces for c in checks)
+    print(f"{len(checks) - failed} of {len(checks)} conclusions reproduce" + (
+        "" if failed else "; reproduces: every conclusion"))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--only", action="append", default=[], metavar="PARAM=VALUE",
                        help="analyse only runs whose MLflow param has this value, e.g. --only rollout_batches=30")
         p.set_defaults(func=lambda a, f=figures: _regenerate(a, f))
+    r = sub.add_parser("replicate", help="does a rerun reproduce a published study (verdicts, effects, collapses)?",
+                       description="compare the study under --results-dir (MLflow, else its runs/) with a published "
+                                   "copy: the primary and secondary verdicts, each seed-level effect (Welch interval "
+                                   "of the difference) and the collapse counts (Fisher's exact test); exit 0 when "
+                                   "every conclusion reproduces, 1 otherwise")
+    r.add_argument("name", help="study name")
+    _common(r)
+    r.add_argument("--against", required=True, metavar="DIR", help="published study folder (results/NAME/SCALE)")
+    r.add_argument("--spec", default=None, metavar="SWEEP.yaml", help="sweep file whose hypothesis: is compared")
+    r.set_defaults(func=_replicate)
     b = sub.add_parser("bench", help="time regeneration from a cold MLflow store vs a warm cache",
                        description="time regeneration from a cold MLflow store vs a warm cache; without NAME, on a "
                                    "synthetic study built in a temporary folder")

@@ -13,7 +13,7 @@ import pandas as pd
 
 from analysis.collapse import CollapseRules
 from analysis.figures import HEADLINE, VERDICT
-from analysis.formatting import markdown
+from analysis.formatting import markdown, verdict_text
 from analysis.limitations import limitation_lines
 from analysis.load import StudyData
 from analysis.metrics import CURVES
@@ -121,25 +121,17 @@ def version_lines(versions: dict[str, int]) -> list[str]:
 
 
 def headline_lines(agg: pd.DataFrame, axes: list[str], alpha: float) -> list[str]:
-    """One sentence per headline comparison, its verdict first."""
+    """One sentence per headline comparison, its verdict first (claims in bold)."""
     if agg.empty:
         return ["- No contrast cell with paired seeds (e.g. only the on-policy cell ran): no verdict."]
     lines = []
     for _, r in agg[agg["role"] == "primary"].iterrows():
-        who = f"{r['objective']} − {r['baseline']}{_axes_text(r, axes)}"
-        effect = f"{r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if pd.notna(r["lo"]) else "n/a"
-        if r["verdict"] in CLAIMS:
-            head = f"**{r['objective']} {r['verdict']}**"
-        elif r["verdict"] == "equivalent":
-            head = f"**equivalent within ±{r['margin']:g}**"
-        elif r["verdict"] == "inconclusive":
-            head = "not shown, not equivalent"
-        else:
-            head = r["verdict"]
-        floor = (f"; {int(r['seeds'])} seeds cannot reach p < {alpha:g} (smallest attainable p "
-                 f"{r['p_floor']:.3g})" if r["p_floor"] >= alpha and r["verdict"] not in CLAIMS else "")
-        lines.append(f"- {who}: {head}: {effect} on {int(r['seeds'])} seeds, sign-flip p {r['p_signflip']:.3g}, "
-                     f"Holm-adjusted {r['p_adj']:.3g}{floor}.")
+        words = verdict_text(r["verdict"], r["objective"], r["lo"], r["hi"], r["margin"], floor=r["p_floor"],
+                             alpha=alpha, seeds=int(r["seeds"]))
+        head = f"**{words}**" if r["verdict"] in (*CLAIMS, "equivalent") else words
+        lines.append(f"- {r['objective']} − {r['baseline']}{_axes_text(r, axes)}: {head}; mean contrast "
+                     f"{r['mean']:+.3f} on {int(r['seeds'])} seeds, sign-flip p {r['p_signflip']:.3g}, "
+                     f"Holm-adjusted {r['p_adj']:.3g}.")
     return lines
 
 
