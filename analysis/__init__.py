@@ -1,4 +1,5 @@
-"""Analysis of a study: MLflow runs -> long table (cached) -> collapse rules -> figures, tables, report page.
+"""Analysis of a study: MLflow runs (or the published runs/) -> long table -> collapse rules -> scores -> verdicts
+-> figures, tables, report page.
 
 | module | concern |
 |---|---|
@@ -6,7 +7,7 @@
 | `layout` | where a study's outputs live (`results/<study>/<scale>/...`), default tracking URI |
 | `metrics` | the metric keys the analysis reads, with axis labels and file names |
 | `runs` | run metadata from MLflow tags/params; choice of one attempt per cell |
-| `cache` | per-run parquet cache of finished runs |
+| `cache` | per-run parquet store of finished runs (`runs/`, published with the study) |
 | `pooling` | no silent pooling: runs of one line must be replicates (`--only` selects); code versions |
 | `load` | MLflow (or the cache) -> `StudyData`, the long table |
 | `collapse` | configurable collapse rules and their per-run verdicts |
@@ -23,6 +24,7 @@
 | `report` | `README.md` of a study: method, control, verdict, tables, figures, run ids |
 | `pipeline` | load -> figures/tables/report, as the CLI runs it |
 | `synthetic` | synthetic MLflow studies with known curves (tests, benchmark) |
+| `replicate` | does a rerun reproduce a published study's conclusions? |
 | `bench` | warm-cache vs cold-store regeneration timing |
-| `cli` | `python -m analysis figures|tables|bench ...` |
+| `cli` | `python -m analysis figures|tables|replicate|bench ...` |
 """
