@@ -52,7 +52,16 @@ def question_lines(declared: Declared, baseline: str | None, agg: pd.DataFrame, 
             f"equivalence within ±{h.margin:g} (two one-sided tests, Holm-adjusted)."]
 
 
-def method_lines(summaries: pd.DataFrame) -> list[str]:
+def _family_sizes(agg: pd.DataFrame, collapse: pd.DataFrame, paired_rows: pd.DataFrame) -> str:
+    def size(frame: pd.DataFrame) -> int:
+        return int(frame["family_size"].max()) if len(frame) else 0
+
+    per_cell = size(paired_rows[paired_rows["measure"] == paired_rows["measure"].iloc[0]]) if len(paired_rows) else 0
+    return (f"headline {size(agg[agg['role'] == 'primary'])} test(s), secondary "
+            f"{size(agg[agg['role'] == 'secondary'])}, collapse {len(collapse)}, per cell {per_cell} per measure")
+
+
+def method_lines(summaries: pd.DataFrame, families: str) -> list[str]:
     seeds = summaries.groupby(["batch_ratio", "iterations", "objective"])["seed"].nunique()
     lo, hi = (int(seeds.min()), int(seeds.max())) if len(seeds) else (0, 0)
     return [f"- Seeds: {lo if lo == hi else f'{lo}-{hi}'} per cell and objective; seed s of every objective shares "
@@ -60,8 +69,8 @@ def method_lines(summaries: pd.DataFrame) -> list[str]:
             "difference; a seed present in one arm only is left out and counted.",
             "- Families, each Holm-corrected: headline (primary measure, every comparison); secondary (the other "
             "measures, every comparison); collapse (paired counts, exact McNemar); per cell (every cell and "
-            "comparison of one measure). A `higher`/`lower` anywhere survived its family's correction; nothing "
-            "else is a claim.",
+            f"comparison of one measure); here: {families}. A `higher`/`lower` anywhere survived its family's "
+            "correction; nothing else is a claim.",
             f"- Measures: val reward AUC / length (the time-averaged validation reward), final val reward, and the "
             f"mean of the last {LAST_K} scheduled evaluations. Gain over start is not compared (both arms of a "
             "pair share the start, so it would count the final value twice); it is in the per-run table. Scoring "
@@ -197,7 +206,8 @@ def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, a
         md += ["", f"{_n(diverged, 'run')} diverged; scored 0 from the divergence on."]
     md += ["", "## Limitations: what these results are conditional on", "",
            *limitation_lines(data, a["summaries"], a["declared"]), "",
-           "## How it was compared", "", *method_lines(a["summaries"]), ""]
+           "## How it was compared", "",
+           *method_lines(a["summaries"], _family_sizes(a["aggregate"], a["collapse"], a["paired"])), ""]
     if a["baseline"]:
         md += ["## Collapse", "", "Collapsed seeds per cell (rules below), k/n [Clopper-Pearson 95%]:", "",
                *collapse_lines(table), "", "Paired collapse counts over the contrast cells:", "",
