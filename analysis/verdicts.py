@@ -54,17 +54,23 @@ def _cells(summaries: pd.DataFrame) -> set[tuple[int, int]]:
     return {(int(b), int(i)) for b, i in zip(summaries["batch_ratio"], summaries["iterations"])}
 
 
+def _arms(summaries: pd.DataFrame, baseline: str, cells: list[tuple[int, int]], axes: list[str], column: str):
+    """(objective, its `column` and the baseline's, indexed by cell, extra axes and seed) over the contrast
+    cells, for every objective but the baseline, in objective order."""
+    df = with_axis_columns(summaries)
+    df = df[[(int(b), int(i)) in cells for b, i in zip(df["batch_ratio"], df["iterations"])]]
+    keys = ["batch_ratio", "iterations", *axes, "seed"]
+    base = df[df["base_objective"] == baseline].set_index(keys)[column]
+    for objective in [o for o in objective_order(summaries["base_objective"]) if o != baseline]:
+        yield objective, df[df["base_objective"] == objective].set_index(keys)[column], base
+
+
 def seed_contrasts(summaries: pd.DataFrame, baseline: str, measure: str, cells: list[tuple[int, int]],
                    contrast: str, axes: list[str]) -> pd.DataFrame:
     """One row per (objective, extra axes, seed) with every contrast cell paired: `value`, the seed's contrast;
     plus `dropped` rows (value NaN) for seeds that miss a cell in either arm."""
-    df = with_axis_columns(summaries)
-    df = df[[(int(b), int(i)) in cells for b, i in zip(df["batch_ratio"], df["iterations"])]]
-    keys = ["batch_ratio", "iterations", *axes, "seed"]
-    base = df[df["base_objective"] == baseline].set_index(keys)[measure]
     rows = []
-    for objective in [o for o in objective_order(summaries["base_objective"]) if o != baseline]:
-        arm = df[df["base_objective"] == objective].set_index(keys)[measure]
+    for objective, arm, base in _arms(summaries, baseline, cells, axes, measure):
         diff = (arm - base).dropna().rename("diff").reset_index()
         for key, group in diff.groupby([*axes, "seed"], sort=True):
             key = dict(zip([*axes, "seed"], key if isinstance(key, tuple) else (key,)))
@@ -142,13 +148,8 @@ def collapse_table(summaries: pd.DataFrame, baseline: str, hypothesis: Hypothesi
     family, and `more collapses` / `fewer collapses` are claimed only past its correction. Needs a
     `collapsed` column in summaries (analysis.collapse)."""
     cells = contrast_cells(_cells(summaries), hypothesis)
-    df = with_axis_columns(summaries)
-    df = df[[(int(b), int(i)) in cells for b, i in zip(df["batch_ratio"], df["iterations"])]]
-    keys = ["batch_ratio", "iterations", *axes, "seed"]
-    base = df[df["base_objective"] == baseline].set_index(keys)["collapsed"]
     rows = []
-    for objective in [o for o in objective_order(summaries["base_objective"]) if o != baseline]:
-        arm = df[df["base_objective"] == objective].set_index(keys)["collapsed"]
+    for objective, arm, base in _arms(summaries, baseline, cells, axes, "collapsed"):
         joined = pd.concat({"x": arm, "y": base}, axis=1, join="inner").reset_index()
         for key, g in joined.groupby(axes, sort=True) if axes else [((), joined)]:
             key = dict(zip(axes, key if isinstance(key, tuple) else (key,)))
