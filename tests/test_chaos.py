@@ -8,6 +8,11 @@ harness.tracking.RunLogger: the run's tags and params, the metrics the analysis 
 at a time; then harness.status, FINISHED, result.json, and a linger standing for the seconds a real job spends
 in interpreter shutdown (torch, TRL) after its result, the window in which kills used to make cells run twice.
 Real training would take minutes per kill on two cores; the sweep machinery under test is the same.
+
+Kills come at random wall-clock moments, so on a fast machine the sweep could finish before the chaos is
+done. The stand-in job therefore paces completions by the kills made so far: the k-th cell to complete waits
+until k/cells of the kills have happened (the test writes the count to a file), so every machine sees all the
+kills spread over the whole sweep, including the window after a result is written.
 """
 from __future__ import annotations
 
@@ -60,6 +65,10 @@ for step in range(cfg["rollout_batches"] * per_batch + 1):
                         "grad_norm": 1.0, "rollout/steps_on_batch": per_batch, "ratio/abs_dev_mean": 0.0,
                         "rollout/batch": step // per_batch + 1}, step)
     time.sleep(0.2)
+done = {ln.split()[1] for ln in open(os.environ["CHAOS_LOG"]) if ln.startswith("done ")}
+need = -(-(len(done) + 1) * int(os.environ["CHAOS_KILLS"]) // int(os.environ["CHAOS_CELLS"]))
+while int(open(os.environ["CHAOS_KILLED"]).read() or 0) < need:  # pace completions by the chaos (docstring)
+    time.sleep(0.1)
 logger.set_tags({"harness.status": "complete", "harness.steps_per_rollout_batch_ok": "true"})
 logger.finish("FINISHED")
 with open(result, "w") as f:
@@ -95,7 +104,9 @@ def test_random_sigkills_never_lose_nor_repeat_a_cell(tmp_path, monkeypatch):
     log, results, uri = tmp_path / "chaos.log", tmp_path / "results", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cells = [c.hash for c in make_plan(*load_spec(str(spec)), "proxy").cells]
     env = {**os.environ, "HARNESS_RESULTS": str(results), "MLFLOW_TRACKING_URI": uri, "CHAOS_LOG": str(log),
-           "HARNESS_TRAIN_CMD": f"{sys.executable} {tmp_path / 'chaos_job.py'}"}
+           "HARNESS_TRAIN_CMD": f"{sys.executable} {tmp_path / 'chaos_job.py'}",
+           "CHAOS_KILLED": str(tmp_path / "killed"), "CHAOS_KILLS": str(KILLS), "CHAOS_CELLS": str(len(cells))}
+    (tmp_path / "killed").write_text("0")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [sys.executable, "-m", "harness", "sweep", str(spec), "--scale", "proxy", "--workers", "2",
            "--max-attempts", "100"]
@@ -136,6 +147,8 @@ def test_random_sigkills_never_lose_nor_repeat_a_cell(tmp_path, monkeypatch):
         except ProcessLookupError:
             continue
         kills.append("driver" if pid == driver.pid else kind)
+        (tmp_path / "killed.tmp").write_text(str(len(kills)))
+        os.replace(tmp_path / "killed.tmp", tmp_path / "killed")  # the jobs never read a half-written count
         if pid == driver.pid:
             driver.wait()
             runs += 1
@@ -176,7 +189,7 @@ def test_random_sigkills_never_lose_nor_repeat_a_cell(tmp_path, monkeypatch):
     print(f"\nchaos: {len(kills)} kills ({', '.join(f'{k} {kills.count(k)}' for k in sorted(set(kills)))}), "
           f"{runs} sweep runs, {reruns} cells re-run after completing, {len(running)} runs RUNNING, "
           f"{sum(len(t) for t in by_cell.values())} attempts for {len(cells)} cells, {elapsed:.0f}s")
-    assert len(kills) >= 15, f"the sweep finished after {len(kills)} kills"
+    assert len(kills) == KILLS, f"the sweep finished after {len(kills)} kills"
     assert reruns == 0
     assert running == []
     assert {h: [(r.info.status, r.data.tags["harness.status"], r.data.tags["harness.attempt"]) for r in rs]
