@@ -32,14 +32,18 @@ figures name *args:
 tables name *args:
     {{python}} -m analysis tables "$@"
 
-# the test suite (CPU; GPU tests are skipped with a reason)
-test *args:
+# the test suite (CPU; GPU tests are skipped with a reason), after the lint
+test *args: lint
     {{python}} -m pytest -q "$@"
+
+# ruff's checks, configured in pyproject.toml
+lint:
+    {{python}} -m ruff check .
 
 # benchmarks: training step overhead and analysis regeneration, as side-by-side ratios
 bench:
-    {{python}} -m harness.bench
-    {{python}} -m analysis.bench
+    {{python}} -m harness.step_bench
+    {{python}} -m analysis.regen_bench
 
 # MLflow UI on the harness's store ($MLFLOW_TRACKING_URI, else results/mlflow.db): just ui --port 5000
 ui *args:

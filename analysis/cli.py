@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from analysis.collapse import CollapseRules
 from analysis.errors import AnalysisError
+from analysis.layout import resolve_scale
 
 
 def _pairs(flag: str, items: list[str]) -> dict[str, str]:
@@ -43,7 +44,8 @@ def _rules(items: list[str]) -> CollapseRules:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", default="proxy", help="scale of the study (proxy | paper); experiment NAME/SCALE")
+    p.add_argument("--scale", default="auto", help="scale of the study (a scale of its sweep file, e.g. proxy); "
+                   "experiment NAME/SCALE (default auto: the study's one scale under RESULTS_DIR)")
     # Same root as the harness (harness.tracking.results_root), so both find the same sqlite store by default.
     p.add_argument("--results-dir", default=os.environ.get("HARNESS_RESULTS", "results"),
                    help="outputs go to RESULTS_DIR/NAME/SCALE/ (default: $HARNESS_RESULTS, else results)")
@@ -74,7 +76,7 @@ def _regenerate(args: argparse.Namespace, figures: bool) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from analysis.bench import benchmark
+    from analysis.regen_bench import benchmark
 
     if args.repeats < 1:
         raise AnalysisError(f"--repeats {args.repeats}: allowed: an integer >= 1")
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv  # the README records the command that made it
+    if getattr(args, "name", None) is not None:
+        try:
+            args.scale = resolve_scale(args.results_dir, args.name, args.scale, args.tracking_uri)
+        except AnalysisError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

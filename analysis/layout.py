@@ -6,8 +6,10 @@ every figure, table and the report from them with the same command."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
+
+from analysis.errors import AnalysisError
+from harness import contract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,7 @@ class StudyPaths:
 
 
 def study_paths(results_dir: str | Path, study: str, scale: str, cache_dir: str | Path | None = None) -> StudyPaths:
-    root = Path(results_dir) / study / scale
+    root = contract.sweep_dir(results_dir, study, scale)
     return StudyPaths(
         root=root,
         cache=Path(cache_dir) if cache_dir is not None else root / "runs",
@@ -32,14 +34,32 @@ def study_paths(results_dir: str | Path, study: str, scale: str, cache_dir: str 
     )
 
 
-def experiment_name(study: str, scale: str) -> str:
-    """The sweep logs a study at one scale to this MLflow experiment."""
-    return f"{study}/{scale}"
+experiment_name = contract.experiment_name  # the sweep logs a study at one scale to this MLflow experiment
+
+
+def resolve_scale(results_dir: str | Path, study: str, scale: str, tracking_uri: str | None = None) -> str:
+    """`auto`: the one scale of `study` under the results folder (a ledger or published runs), as the harness's
+    `--scale auto` takes the scale whose ledger is there; failing that, the one MLflow experiment `study/<scale>`.
+    Any other value is returned as given."""
+    if scale != "auto":
+        return scale
+    root = Path(results_dir) / study
+    found = sorted(d.name for d in root.glob("*") if (d / "runs").is_dir() or (d / "ledger.journal").exists())
+    uri = tracking_uri or default_tracking_uri(results_dir)
+    if not found and missing_sqlite_file(uri) is None:
+        from mlflow import MlflowClient
+
+        names = [e.name for e in MlflowClient(uri).search_experiments(filter_string=f"name LIKE '{study}/%'")]
+        found = sorted(n.split("/", 1)[1] for n in names if n.startswith(f"{study}/"))
+    if len(found) != 1:
+        raise AnalysisError(f"--scale auto: {study} has {'no' if not found else len(found)} scales under {root}; "
+                            f"allowed: pass --scale with {', '.join(found) or 'the scale the sweep ran at'}")
+    return found[0]
 
 
 def default_tracking_uri(results_dir: str | Path) -> str:
-    """Same rule as the harness: MLFLOW_TRACKING_URI if set, else the sqlite store inside the results folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(results_dir) / 'mlflow.db'}"
+    """The harness's rule (harness.contract.tracking_uri) for this results folder."""
+    return contract.tracking_uri(results_dir)
 
 
 def missing_sqlite_file(tracking_uri: str) -> Path | None:

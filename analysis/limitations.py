@@ -35,7 +35,8 @@ def limitation_lines(data: StudyData, summaries: pd.DataFrame, declared: Declare
         size = _one(_param(params, "proxy.params"))
         start = _one(_param(params, "proxy.warmstart_val_reward"))
         lines.append(f"- Model: the CPU proxy, a {int(size):,}-parameter Llama built and warm-started by the harness "
-                     f"(greedy val reward {float(start):.3f} after its warm start), on task {_one(_param(params, 'task'))}. "
+                     f"(greedy val reward {float(start):.3f} after its warm start), "
+                     f"on task {_one(_param(params, 'task'))}. "
                      "What it shows about paper-scale models is a hypothesis for them, not a result."
                      if size.isdigit() and _is_number(start) else f"- Model: the CPU proxy ({size} parameters).")
     else:

@@ -1,22 +1,25 @@
-"""The metric keys the analysis reads (see docs/ARCHITECTURE.md, "Contract"), with labels and file names."""
+"""The metric keys the analysis reads (defined in harness.contract), with labels and file names."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-VAL_REWARD = "val/reward"
-TRAIN_REWARD = "reward"
-ENTROPY = "entropy"
-LOSS = "loss"
-ROLLOUT_KL = "rollout_kl"
-REF_KL = "kl"
-CLIP_RATIO = "clip_ratio/region_mean"
-GRAD_NORM = "grad_norm"
-GRAD_CLIPPED = "grad_clipped"
-STEPS_ON_BATCH = "rollout/steps_on_batch"
-ROLLOUT_BATCH = "rollout/batch"
-RATIO_MEASURED = "rollout/ratio_measured"
-RATIO_ABS_DEV = "ratio/abs_dev_mean"
+from harness.contract import (
+    CLIP_RATIO,
+    COMPLETION_LENGTH,
+    ENTROPY,
+    GRAD_CLIPPED,
+    GRAD_NORM,
+    LOSS,
+    RATIO_ABS_DEV,
+    RATIO_MEASURED,
+    REF_KL,
+    ROLLOUT_BATCH,
+    ROLLOUT_KL,
+    STEPS_ON_BATCH,
+    TRAIN_REWARD,
+    VAL_REWARD,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,7 @@ CURVES: tuple[CurveMetric, ...] = (
     CurveMetric(REF_KL, "KL to reference", "ref_kl"),
     CurveMetric(ENTROPY, "entropy (nats)", "entropy"),
     CurveMetric(RATIO_ABS_DEV, "mean |r - 1|", "ratio_abs_dev"),
-    CurveMetric("completions/mean_length", "completion length (tokens)", "completion_length"),
+    CurveMetric(COMPLETION_LENGTH, "completion length (tokens)", "completion_length"),
     CurveMetric(GRAD_NORM, "grad norm (before clipping)", "grad_norm", yscale="log"),
 )
 CURVES_BY_KEY = {c.key: c for c in CURVES}

@@ -19,8 +19,8 @@ from analysis.load import StudyData
 from analysis.metrics import CURVES
 from analysis.paired import CLAIMS, MEASURE_LABELS, NEGATIVE_CONTROLS, Control
 from analysis.question import Declared
-from analysis.style import objective_order
 from analysis.stats import LEVEL, POWER
+from analysis.style import objective_order
 from analysis.summary import LAST_K, SE_MARGIN
 
 
@@ -154,7 +154,8 @@ def collapse_lines(table: pd.DataFrame) -> list[str]:
                          f"({int(rows['seeds'].sum())} runs).")
             continue
         parts = [f"{_cell(r.batch_ratio, r.iterations)} {r.collapsed_n}/{r.seeds} "
-                 f"[{r.collapse_lo:.2f}, {r.collapse_hi:.2f}] at rollout batch {', '.join(f'{x:g}' for x in r.collapse_rbs)}"
+                 f"[{r.collapse_lo:.2f}, {r.collapse_hi:.2f}] at rollout batch "
+                 f"{', '.join(f'{x:g}' for x in r.collapse_rbs)}"
                  for r in hit.itertuples(index=False)]
         censored = int(rows["censored_n"].sum())
         if censored:
@@ -221,22 +222,26 @@ def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, a
     md += ["## Tables", ""]
     for name, title in [("paired", "Per cell (detail: Holm over every cell of a measure)"),
                         ("val_reward", "Validation reward"), ("stability", "Stability")]:
-        md += [f"### {title}", "", tables[f"{name}.md"].read_text(), f"LaTeX: [{name}.tex]({rel(tables[name + '.tex'])})", ""]
+        md += [f"### {title}", "", tables[f"{name}.md"].read_text(),
+               f"LaTeX: [{name}.tex]({rel(tables[name + '.tex'])})", ""]
     md += ["All numbers: " + ", ".join(f"[{n}]({rel(tables[n])})" for n in
                                        ("runs.csv", "aggregate.csv", "collapse.csv", "paired.csv", "cells.csv"))
            + " (runs.csv: every run's scores and collapse rule, enough to recompute every verdict).", "",
            "## Training curves", "",
            "Rows: batch ratio; columns: iterations; x: rollout batches; line: mean over seeds; band: "
-           f"{LEVEL:.0%} t-interval (none with one seed). Curves show what was logged (a diverged run's line stops).", ""]
+           f"{LEVEL:.0%} t-interval (none with one seed). "
+           "Curves show what was logged (a diverged run's line stops).", ""]
     for spec in CURVES:
         if spec.slug in figures:
             png, pdf = figures[spec.slug]
             md += [f"### {spec.label}", "", f"![{spec.label}]({rel(png)})", "", f"[PDF]({rel(pdf)})", ""]
     md += ["## Collapse rules", "", "A run is collapsed when any rule fires; its collapse point is the earliest.", ""]
-    md += [f"- `{name}` = {getattr(rules, name)}: {field.description}" for name, field in CollapseRules.model_fields.items()]
+    md += [f"- `{name}` = {getattr(rules, name)}: {field.description}"
+           for name, field in CollapseRules.model_fields.items()]
     md += ["", "## Excluded cells (failed, killed or running: not in any number)", ""]
     md += [_info_table(data.excluded, {"MLflow status": data.excluded["mlflow_status"],
-                                       "note": data.excluded["note"].map(_short)}) if len(data.excluded) else "None.", ""]
+                                       "note": data.excluded["note"].map(_short)})
+           if len(data.excluded) else "None.", ""]
     rule = verdicts.set_index("run_id")
     md += ["## Runs behind every number", "",
            "Each table row and figure line averages the runs of its (batch ratio, iterations, objective); only the "

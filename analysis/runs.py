@@ -13,10 +13,10 @@ import logging
 import pandas as pd
 from mlflow.entities import Run
 
+from harness import contract
+
 log = logging.getLogger(__name__)
 
-USABLE = ("complete", "diverged")  # harness.status values that are results (diverged is a finding, not a failure)
-SWEEP_TAG = "harness.sweep"  # the sweep's parent run carries harness.sweep=true and no metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RunInfo:
 
     @property
     def usable(self) -> bool:
-        return self.status in USABLE
+        return contract.is_result(self.status)
 
     @property
     def final(self) -> bool:
@@ -63,7 +63,7 @@ PER_RUN_PARAMS = frozenset({"seed", "output_dir", "experiment", "torch_threads",
 
 def extra_axes(tags: dict[str, str]) -> dict[str, object]:
     """The sweep axes of a run beyond objective x batch_ratio x iterations x seed (tag harness.axes)."""
-    return {k: v for k, v in sorted(json.loads(tags.get("harness.axes") or "{}").items()) if k not in GRID_AXES}
+    return {k: v for k, v in sorted(json.loads(tags.get(contract.AXES) or "{}").items()) if k not in GRID_AXES}
 
 
 def line_label(tags: dict[str, str]) -> str:
@@ -82,33 +82,34 @@ def _int_param(params: dict[str, str], key: str) -> int | None:
 def run_info(run: Run) -> RunInfo | None:
     """RunInfo of a training run; None for the sweep's parent run and runs without the contract's tags."""
     tags, params = run.data.tags, run.data.params
-    if tags.get(SWEEP_TAG, "").lower() == "true":
+    if tags.get(contract.SWEEP, "").lower() == "true":
         return None
     try:
         batch_ratio, iterations = int(tags["batch_ratio"]), int(tags["iterations"])
         info = RunInfo(
             run_id=run.info.run_id,
-            cell=tags.get("harness.cell") or tags.get("harness.config_hash") or run.info.run_id,
+            cell=tags.get(contract.CELL) or tags.get(contract.CONFIG_HASH) or run.info.run_id,
             objective=line_label(tags),
             batch_ratio=batch_ratio,
             iterations=iterations,
             seed=int(tags["seed"]),
-            status=tags.get("harness.status", "unknown"),
-            attempt=int(tags.get("harness.attempt", 1)),
-            steps_per_rollout_batch=int(params.get("optimizer_steps_per_rollout_batch", batch_ratio * iterations)),
+            status=tags.get(contract.STATUS, "unknown"),
+            attempt=int(tags.get(contract.ATTEMPT, 1)),
+            steps_per_rollout_batch=int(params.get("optimizer_steps_per_rollout_batch",
+                                                   contract.steps_per_rollout_batch(batch_ratio, iterations))),
             start_time=int(run.info.start_time or 0),
             mlflow_status=str(run.info.status),
-            diverged_at=int(tags["harness.diverged_at"]) if tags.get("harness.diverged_at") else None,
-            note=tags.get("harness.diverged_reason") or tags.get("harness.error") or "",
+            diverged_at=int(tags[contract.DIVERGED_AT]) if tags.get(contract.DIVERGED_AT) else None,
+            note=tags.get(contract.DIVERGED_REASON) or tags.get(contract.ERROR) or "",
             base_objective=tags["objective"],
             extra_axes=json.dumps(extra_axes(tags), sort_keys=True),
-            replicate=tags.get("harness.replicate_hash", ""),
+            replicate=tags.get(contract.REPLICATE_HASH, ""),
             budget=_int_param(params, "rollout_batches"),
             eval_every=_int_param(params, "eval_every"),
             val_prompts=_int_param(params, "val_prompts"),
             git_commit=tags.get("git.commit", ""),
             git_dirty=tags.get("git.dirty", ""),
-            steps_ok=tags.get("harness.steps_per_rollout_batch_ok", ""),
+            steps_ok=tags.get(contract.STEPS_OK, ""),
             params=json.dumps({k: v for k, v in sorted(params.items()) if k not in PER_RUN_PARAMS}),
         )
     except (KeyError, ValueError) as e:

@@ -29,8 +29,16 @@ import logging
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import (CLIP_RATIO, GRAD_CLIPPED, RATIO_ABS_DEV, RATIO_MEASURED, ROLLOUT_BATCH, ROLLOUT_KL,
-                              STEPS_ON_BATCH, VAL_REWARD)
+from analysis.metrics import (
+    CLIP_RATIO,
+    GRAD_CLIPPED,
+    RATIO_ABS_DEV,
+    RATIO_MEASURED,
+    ROLLOUT_BATCH,
+    ROLLOUT_KL,
+    STEPS_ON_BATCH,
+    VAL_REWARD,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from analysis.layout import experiment_name
+from harness import contract
 
 Curve = Mapping[int, float] | Sequence[tuple[int, float]]  # step -> value
 _BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
@@ -36,9 +37,9 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
     to (or overrides) the contract's tags, e.g. harness.diverged_at; `params` adds params (rollout_batches,
     val_prompts, ...) beside optimizer_steps_per_rollout_batch."""
     run_tags = {
-        "harness.study": study, "harness.scale": scale,
-        "harness.cell": cell or cell_hash(objective, batch_ratio, iterations, seed),
-        "harness.attempt": str(attempt), "harness.status": status, "objective": objective,
+        contract.STUDY: study, contract.SCALE: scale,
+        contract.CELL: cell or cell_hash(objective, batch_ratio, iterations, seed),
+        contract.ATTEMPT: str(attempt), contract.STATUS: status, "objective": objective,
         "batch_ratio": str(batch_ratio), "iterations": str(iterations), "seed": str(seed),
     }
     if parent_run_id:
@@ -46,7 +47,8 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
     run = client.create_run(experiment_id, tags=run_tags | dict(tags or {}),
                             run_name=f"{objective}-b{batch_ratio}-i{iterations}-s{seed}-a{attempt}")
     run_id = run.info.run_id
-    all_params = {"optimizer_steps_per_rollout_batch": str(batch_ratio * iterations), **(params or {})}
+    steps = contract.steps_per_rollout_batch(batch_ratio, iterations)
+    all_params = {"optimizer_steps_per_rollout_batch": str(steps), **(params or {})}
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in all_params.items()])
     now = int(time.time() * 1000)
     entities = [Metric(key, float(value), now, int(step))
@@ -55,7 +57,8 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
     for start in range(0, len(entities), _BATCH):
         client.log_batch(run_id, metrics=entities[start:start + _BATCH])
     if mlflow_status is None:
-        mlflow_status = {"complete": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}.get(status, "RUNNING")
+        mlflow_status = "FINISHED" if contract.is_result(status) else "FAILED" if status == contract.FAILED \
+            else "RUNNING"
     if mlflow_status != "RUNNING":
         client.set_terminated(run_id, mlflow_status)
     return run_id
@@ -63,8 +66,8 @@ def log_run(client: MlflowClient, experiment_id: str, *, study: str, scale: str,
 
 def sweep_parent(client: MlflowClient, experiment_id: str, study: str, scale: str) -> str:
     """The sweep-level parent run (tag harness.sweep=true), which the analysis must ignore."""
-    run = client.create_run(experiment_id, tags={"harness.sweep": "true", "harness.study": study,
-                                                 "harness.scale": scale}, run_name="sweep")
+    run = client.create_run(experiment_id, tags={contract.SWEEP: "true", contract.STUDY: study,
+                                                 contract.SCALE: scale}, run_name="sweep")
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -73,7 +76,7 @@ def synthetic_curves(objective: str, batch_ratio: int, iterations: int, seed: in
                      eval_every: int) -> tuple[dict[str, dict[int, float]], str]:
     """(metrics, status) of one plausible run: GRPO collapses when batch_ratio x iterations >= 8."""
     rng = np.random.default_rng([seed, batch_ratio, iterations, zlib.crc32(objective.encode())])
-    k = batch_ratio * iterations
+    k = contract.steps_per_rollout_batch(batch_ratio, iterations)
     steps = np.arange(1, rollout_batches * k + 1)
     t = steps / k  # rollout batches
     collapse_at = rollout_batches * 0.5 if (objective == "grpo" and k >= 8) else None

@@ -7,6 +7,7 @@ import math
 from rich.console import Console
 from transformers import TrainerCallback
 
+from harness.contract import GRAD_CLIPPED, GRAD_NORM, LOSS, VAL_REWARD
 from harness.progress import interactive
 from harness.tasks import Row, Task
 from harness.tracking import RunLogger
@@ -30,8 +31,8 @@ class MLflowMetrics(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if "grad_norm" in metrics and self.max_grad_norm:
-            metrics["grad_clipped"] = float(metrics["grad_norm"] > self.max_grad_norm)
+        if GRAD_NORM in metrics and self.max_grad_norm:
+            metrics[GRAD_CLIPPED] = float(metrics[GRAD_NORM] > self.max_grad_norm)
         self.logger.log_metrics(metrics, step=state.global_step, flush=state.global_step % self.flush_every == 0)
         self.last.update(metrics)
 
@@ -42,7 +43,7 @@ class MLflowMetrics(TrainerCallback):
 class DivergenceGuard(TrainerCallback):
     """Stops training cleanly at the first non-finite loss or gradient norm; the run keeps what it logged."""
 
-    WATCHED = ("loss", "grad_norm")
+    WATCHED = (LOSS, GRAD_NORM)
 
     def __init__(self):
         self.diverged_at: int | None = None
@@ -69,7 +70,7 @@ class GreedyValidation(TrainerCallback):
     def _evaluate(self, step: int, model, tokenizer) -> None:
         acc = greedy_accuracy(model, tokenizer, self.task, self.rows, self.max_new_tokens, chat=self.chat)
         self.history.append((step, acc))
-        self.logger.log_metrics({"val/reward": acc}, step=step)
+        self.logger.log_metrics({VAL_REWARD: acc}, step=step)
         log.info("step %d: val/reward %.4f", step, acc)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):

@@ -47,7 +47,7 @@ def build_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
 
 
 def build_model(proxy: ProxyModel, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    # Llama, not qwen2: transformers 5 swaps a qwen2 model's saved tokenizer for Qwen2Tokenizer (NOTES §3)
+    # Llama, not qwen2: transformers 5 swaps a qwen2 model's saved tokenizer for Qwen2Tokenizer
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=proxy.hidden_size, intermediate_size=proxy.intermediate_size,
         num_hidden_layers=proxy.num_hidden_layers, num_attention_heads=proxy.num_attention_heads,

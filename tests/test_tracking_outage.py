@@ -77,7 +77,7 @@ class Server:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120  # readiness, not an assertion on speed (NOTES §5: about 9-16 s)
+        deadline = time.time() + 120  # readiness, not an assertion on speed (the server took 9-16 s on 2 cores)
         while time.time() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:

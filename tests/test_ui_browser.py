@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from harness.ui import stop_process_group
 
 CHROMIUM = Path("/usr/bin/chromium")
-# Measured here (NOTES §5); Playwright's own browser download fails on these machines.
+# These flags let Debian's chromium run headless in a container; Playwright's own browser download fails on these machines.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STUDY = "grpo-vs-cfpo/proxy"

@@ -153,7 +153,7 @@ END_TO_END = [
     (["harness", "sweep", "grpo-vs-cfpo", "--scale", "proxy", "--set", "batch_ratio=[1,"], "not a YAML value"),
     (["harness.ui", "mlflow", "--port", "99999"], "--port 99999: allowed: a port number from 1 to 65535"),
     (["harness.ui", "dashboard", "grpo-vs-cfpo", "--scale", "proxy", "--port", "99999"], "--port 99999"),
-    (["harness.bench", "--repeats", "0"], "--repeats 0: allowed: 1 or more"),
+    (["harness.step_bench", "--repeats", "0"], "--repeats 0: allowed: 1 or more"),
 ]
 
 

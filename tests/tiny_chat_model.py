@@ -2,7 +2,7 @@
 
 The model is what vLLM and TRL need from a real one, at the smallest size vLLM's CPU build accepts: a byte-level
 BPE tokenizer trained on the task's own text, a ChatML chat template, a Llama config (not qwen2: transformers 5
-swaps a qwen2 model's saved tokenizer, NOTES §3) with head_dim 32 (vLLM's CPU attention refuses 16). It is
+swaps a qwen2 model's saved tokenizer) with head_dim 32 (vLLM's CPU attention refuses 16). It is
 warm-started on the data's worked solutions until sampled answers are right some of the time and wrong the
 rest, so GRPO's advantages, gradients and weight updates are not zero in a few steps.
 """
@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from harness.tasks_reasoning import INSTRUCTION, gsm8k_solution
+from harness.tasks.reasoning import INSTRUCTION, gsm8k_solution
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -1,4 +1,4 @@
-"""harness.bench: an arm's own process at a tiny budget (real training, no mocks), and the summary arithmetic."""
+"""harness.step_bench: an arm's own process at a tiny budget (real training, no mocks), and the summary arithmetic."""
 import json
 import subprocess
 import sys
@@ -6,13 +6,13 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_JOB
-from harness.bench import RATIOS, TARGET_RATIO, main, summarize
+from harness.step_bench import RATIOS, TARGET_RATIO, main, summarize
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arm", ["bare", "grpo"])
 def test_arm_process_prints_one_json_line_of_positive_numbers(arm, harness_env, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "harness.bench", "--arm", arm, *TINY_JOB, "rollout_batches=1",
+    proc = subprocess.run([sys.executable, "-m", "harness.step_bench", "--arm", arm, *TINY_JOB, "rollout_batches=1",
                            "val_prompts=8", f"output_dir={tmp_path / 'job'}"], cwd=REPO, env=harness_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,7 @@ optimizer step, measured so that they hold on a shared, noisy machine.
 - Every arm runs in a fresh process of its own, one at a time, with 1 torch thread and OMP_NUM_THREADS=1 (as
   sweep jobs run); arms are interleaved (A B C D E F, A B C D E F, ...) over --repeats rounds (5 by default), so
   machine noise hits all arms alike; every number is reported as the min and the median over the rounds.
-- bare / grpo / cfpo (`python -m harness.bench --arm NAME`): seconds per optimizer step of the trainer.train()
+- bare / grpo / cfpo (`python -m harness.step_bench --arm NAME`): seconds per optimizer step of the trainer.train()
   call only, wall (perf_counter) and CPU (time.process_time of the arm's process, all its threads). Like for
   like: the bare arm is stock TRL GRPOTrainer on the same model, data, reward and GRPOConfig, given the harness's
   GreedyValidation (with a SilentRunLogger) and DivergenceGuard at the same eval points, so both arms validate
@@ -39,7 +39,7 @@ CELL88 = ["batch_ratio=8", "iterations=8", "rollout_batches=2", "eval_every=2", 
 ARMS = {"bare": ("bare TRL (grpo)", RATIO + ["objective=grpo"]), "grpo": ("harness grpo", RATIO + ["objective=grpo"]),
         "cfpo": ("harness cfpo", RATIO + ["objective=cfpo"]), "exec": ("exec job (1,1)", CELL11),
         "fork": ("fork job (1,1)", CELL11), "fork88": ("fork job (8,8)", CELL88)}
-CHILD_ARMS = ("bare", "grpo", "cfpo")  # timed inside their own `python -m harness.bench --arm` process
+CHILD_ARMS = ("bare", "grpo", "cfpo")  # timed inside their own `python -m harness.step_bench --arm` process
 TARGET_RATIO, TARGET_FIRST_STEP_S = 1.03, 2.0
 RATIOS = {"harness training loop / bare TRL, s per optimizer step": ("grpo", "bare"),
           "cfpo / grpo (both harness), s per optimizer step": ("cfpo", "grpo")}
@@ -82,11 +82,11 @@ def _bare_trl(cfg, timed: dict[str, float]) -> tuple[int, int]:
     from trl import GRPOTrainer
 
     from harness.callbacks import DivergenceGuard, GreedyValidation
-    from harness.config import shape_of
     from harness.job import grpo_config, resolve_device
     from harness.proxy_model import ensure_proxy_model
     from harness.tasks import get_task
     from harness.tracking import SilentRunLogger, cache_root
+    from harness.trl_args import shape_of
 
     torch.set_num_threads(cfg.torch_threads)
     task, shape = get_task(cfg.task), shape_of(cfg)
@@ -110,7 +110,7 @@ def run_arm(name: str, config: str, overrides: list[str], out: Path, env: dict[s
     log = out.with_suffix(".log")
     if name in CHILD_ARMS:
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "-m", "harness.bench", "--arm", name, "--config", config,
+            proc = subprocess.run([sys.executable, "-m", "harness.step_bench", "--arm", name, "--config", config,
                                    *overrides, f"output_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=f,
                                   text=True)
             f.write(proc.stdout)
@@ -159,7 +159,7 @@ def summarize(numbers: dict[str, list[dict[str, float]]]) -> dict:
 def report(s: dict, repeats: int, overrides: list[str], notes: list[str]) -> str:
     a, met = s["arms"], lambda ok: "met" if ok else "NOT met"
     mm = lambda d, f="{:.4f}": f"{f.format(d['min'])} / {f.format(d['median'])}"  # noqa: E731
-    lines = [f"harness.bench: {repeats} interleaved rounds, each arm a fresh process, 1 torch thread, "
+    lines = [f"harness.step_bench: {repeats} interleaved rounds, each arm a fresh process, 1 torch thread, "
              f"min / median{' (' + ' '.join(overrides) + ')' if overrides else ''}; s/step: the trainer.train() "
              "call only, wall = perf_counter, CPU = process_time of the arm's process (all its threads)",
              f"  {'arm':18s} {'wall s/step':>17s} {'CPU s/step':>17s}   evaluations/run"]
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.tracking import cache_root, client
 
     os.environ.setdefault("HARNESS_CACHE", str(cache_root()))  # before the results root moves: reuse built proxies
-    tmp = Path(tempfile.mkdtemp(prefix="harness-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="harness-step-bench-"))
     os.environ.update(HARNESS_RESULTS=str(tmp), MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
                       OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     from harness.sweep.forkserver import Forkserver
