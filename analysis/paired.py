@@ -28,6 +28,7 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.stats import holm, paired, sign_flip_test, tost
+from harness.contract import on_policy
 from harness.hypothesis import COMPARED_MEASURES
 
 # Objectives whose on-policy gradient is TRL's grpo gradient bit for bit (tests/test_trainer_equivalence.py), so
@@ -132,7 +133,8 @@ class Control:
 
 def control(paired_rows: pd.DataFrame) -> Control:
     """The on-policy control (see the module docstring) over every comparison of two CONTROL_OBJECTIVES."""
-    on = paired_rows[(paired_rows["batch_ratio"] == 1) & (paired_rows["iterations"] == 1)]
+    on = paired_rows[np.array([on_policy(int(b), int(i)) for b, i in zip(paired_rows["batch_ratio"],
+                                                                        paired_rows["iterations"])], bool)]
     on = on[np.array([{o, b} <= CONTROL_OBJECTIVES for o, b in zip(on["objective"], on["baseline"])], bool)]
     on = on[on["n"] > 0]
     if on.empty:

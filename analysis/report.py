@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.collapse import CollapseRules
@@ -22,6 +23,7 @@ from analysis.question import Declared
 from analysis.stats import LEVEL, POWER
 from analysis.style import objective_order
 from analysis.summary import LAST_K, SE_MARGIN
+from harness.contract import on_policy
 
 
 def _n(count: int, noun: str) -> str:
@@ -93,7 +95,8 @@ def negative_control_lines(agg: pd.DataFrame, table: pd.DataFrame, baseline: str
     """Is an objective without any trust region worse than the baseline here? If not, the setting does not test
     trust regions, whatever the other comparisons say; if the seeds cannot show it either way, say that."""
     lines = []
-    off = table[table["batch_ratio"] * table["iterations"] > 1]
+    off = table[np.array([not on_policy(int(b), int(i))
+                          for b, i in zip(table["batch_ratio"], table["iterations"])], bool)]
     for name in NEGATIVE_CONTROLS:
         rows = agg[agg["objective"] == name] if len(agg) else agg
         if not baseline or rows.empty:

@@ -26,6 +26,7 @@ from analysis.errors import AnalysisError
 from analysis.paired import decide, with_axis_columns
 from analysis.stats import holm, mcnemar_exact, paired, seeds_for_power, sign_flip_test, tost
 from analysis.style import objective_order
+from harness.contract import on_policy
 from harness.hypothesis import COMPARED_MEASURES, Hypothesis
 
 VERDICT_COLUMNS = ["objective", "baseline", "measure", "verdict", "role", "family_size", "contrast", "cells", "seeds",
@@ -42,7 +43,7 @@ def contrast_cells(present: set[tuple[int, int]], hypothesis: Hypothesis) -> lis
     if hypothesis.cells == "all":
         return present
     if hypothesis.cells == "off-policy":
-        return [c for c in present if c[0] * c[1] > 1]
+        return [c for c in present if not on_policy(*c)]
     missing = [c for c in map(tuple, hypothesis.cells) if c not in present]
     if missing:
         raise AnalysisError(f"hypothesis.cells: {', '.join(map(str, missing))} not in this study; allowed: "

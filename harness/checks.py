@@ -1,13 +1,15 @@
 """Will this job at least start? Its values checked by the objects the job builds, before anything is written.
 
-`check_job(cfg)` builds, without training, what a job builds from its config: GRPOConfig itself (from the
-job's own `grpo_config_kwargs`, on CPU), the optimizer and learning-rate scheduler the Trainer creates (on a
-dummy parameter, one step each) and the generation config TRL samples with (one token from a tiny random model,
-so the sampling processors check their values too). Those objects' own checks do the work; `TRL_RULES` adds
-ranges only for knobs that no library checks before training is under way. The build is cached by what reaches
-those objects, so a sweep builds them once per distinct TRL section and batch shape, not once per cell.
+`check_job(cfg)` builds, without training, what a job builds from its config: GRPOConfig itself (from the same
+`harness.trl_args.grpo_config_kwargs` as the job, on CPU), the optimizer and learning-rate scheduler the
+Trainer creates (on a dummy parameter, one step each) and the generation config TRL samples with (one token
+from a tiny random model, so the sampling processors check their values too). Those objects' own checks do the
+work; `TRL_RULES` adds ranges only for knobs that no library checks before training is under way. The build is
+cached by what reaches those objects, so a sweep builds them once per distinct TRL section and batch shape,
+not once per cell.
 
-Every problem is a `ConfigError` naming the field and what is allowed (harness.config.build_config adds where).
+Every problem is a `ConfigError` naming the field and what is allowed (harness.config.build_config adds
+where).
 """
 from __future__ import annotations
 
@@ -19,9 +21,18 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.config import ConfigError, JobConfig, shape_of
+from harness.trl_args import grpo_config_kwargs, shape_of
+
+if TYPE_CHECKING:
+    from harness.config import JobConfig
+
+
+# Here rather than in harness.config, which validates with check_job: `from harness.config import ConfigError`
+# reaches this same class.
+class ConfigError(ValueError):
+    """A bad config value; the CLI prints it on one line and exits with code 2."""
 
 
 def _finite_at_least(low: float, strict: bool = False) -> Callable[[Any], bool]:
@@ -37,19 +48,27 @@ def _one_of(*allowed: Any) -> Callable[[Any], bool]:
 TRL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # KL coefficient: a negative beta turns the penalty into a bonus for drifting from the reference.
     "beta": (_finite_at_least(0), "a finite number >= 0 (a negative KL coefficient rewards drifting away)"),
-    # GRPO's clip half-width and CFPO's penalty scale |A|/(2 eps): negative inverts the clip region and the penalty.
-    "epsilon": (_finite_at_least(0, strict=True), "a finite number > 0 (the clip half-width; negative inverts it)"),
-    # Upper clip half-width (DAPO's clip-higher), also CFPO's penalty scale where A > 0: same reasons as epsilon.
+    # GRPO's clip half-width and CFPO's penalty scale |A|/(2 eps): negative inverts the clip region and the
+    # penalty.
+    "epsilon": (_finite_at_least(0, strict=True),
+                "a finite number > 0 (the clip half-width; negative inverts it)"),
+    # Upper clip half-width (DAPO's clip-higher), also CFPO's penalty scale where A > 0: same reasons as
+    # epsilon.
     "epsilon_high": (lambda v: v is None or _finite_at_least(0, strict=True)(v),
                      "a finite number > 0 (the upper clip half-width; negative inverts it)"),
     # SAPO's gate sigma(tau (r - 1)) 4 / tau: tau <= 0 divides by zero or turns the gate around.
-    "sapo_temperature_pos": (_finite_at_least(0, strict=True), "a finite number > 0 (SAPO's gate temperature)"),
-    "sapo_temperature_neg": (_finite_at_least(0, strict=True), "a finite number > 0 (SAPO's gate temperature)"),
+    "sapo_temperature_pos": (_finite_at_least(0, strict=True),
+                             "a finite number > 0 (SAPO's gate temperature)"),
+    "sapo_temperature_neg": (_finite_at_least(0, strict=True),
+                             "a finite number > 0 (SAPO's gate temperature)"),
     # transformers skips its top-p filter when top_p >= 1 and keeps one token at 0: neither is checked.
     "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "0 < top_p <= 1"),
-    # AdamW checks only its default weight decay; the Trainer passes weight_decay per parameter group, unchecked.
-    "weight_decay": (_finite_at_least(0), "a finite number >= 0 (negative weight decay inflates the weights)"),
-    # 0 turns gradient clipping off; a negative value would too, silently, and grad_clipped would read 1 always.
+    # AdamW checks only its default weight decay; the Trainer passes weight_decay per parameter group,
+    # unchecked.
+    "weight_decay": (_finite_at_least(0),
+                     "a finite number >= 0 (negative weight decay inflates the weights)"),
+    # 0 turns gradient clipping off; a negative value would too, silently, and grad_clipped would read 1
+    # always.
     "max_grad_norm": (lambda v: v is None or _finite_at_least(0)(v), "a finite number >= 0 (0: no clipping)"),
     # TRL reads these names only inside the loss, after the first rollout batch has been generated.
     "loss_type": (_one_of("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"),
@@ -59,8 +78,9 @@ TRL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "multi_objective_aggregation": (_one_of("sum_then_normalize", "normalize_then_sum"),
                                     "one of sum_then_normalize, normalize_then_sum"),
     "vllm_mode": (_one_of("colocate", "server"), "one of colocate, server"),
-    "vllm_importance_sampling_mode": (_one_of("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
-                                      "one of token_truncate, token_mask, sequence_truncate, sequence_mask"),
+    "vllm_importance_sampling_mode": (
+        _one_of("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+        "one of token_truncate, token_mask, sequence_truncate, sequence_mask"),
 }
 
 _BUILT: dict[str, str | None] = {}  # build key -> None (built) or the first rejection, as "what: message"
@@ -83,7 +103,8 @@ def check_job(cfg: JobConfig) -> None:
 
 def _builds_without(cfg: JobConfig, knob: str) -> bool:
     try:
-        return _build_cached(cfg.model_copy(update={"trl": {k: v for k, v in cfg.trl.items() if k != knob}})) is None
+        without = {k: v for k, v in cfg.trl.items() if k != knob}
+        return _build_cached(cfg.model_copy(update={"trl": without})) is None
     except ValueError:  # without it the batch shape is impossible: not the culprit
         return False
 
@@ -97,8 +118,8 @@ def _safe(ok: Callable[[Any], bool], value: Any) -> bool:
 
 def _build_cached(cfg: JobConfig) -> str | None:
     shape = shape_of(cfg)
-    key = json.dumps({"trl": cfg.trl, "shape": dataclasses.asdict(shape), "rollout_batches": cfg.rollout_batches},
-                     sort_keys=True, default=repr)
+    key = json.dumps({"trl": cfg.trl, "shape": dataclasses.asdict(shape),
+                      "rollout_batches": cfg.rollout_batches}, sort_keys=True, default=repr)
     if key not in _BUILT:
         _BUILT[key] = _build(cfg, shape)
     return _BUILT[key]
@@ -117,8 +138,6 @@ def _build(cfg: JobConfig, shape) -> str | None:
             stage = "GRPOConfig"
             try:
                 from trl import GRPOConfig
-
-                from harness.job import grpo_config_kwargs
 
                 args = GRPOConfig(**grpo_config_kwargs(cfg, shape, "cpu"))
                 stage = f"the optimizer ({args.optim.value if hasattr(args.optim, 'value') else args.optim})"
@@ -139,7 +158,8 @@ def _build(cfg: JobConfig, shape) -> str | None:
 
 
 def _optimizer(args):
-    """The optimizer class and arguments the Trainer derives from args, on one dummy parameter, stepped once."""
+    """The optimizer class and arguments the Trainer derives from args, on one dummy parameter, stepped
+    once."""
     import torch
     from transformers import Trainer
 
@@ -156,7 +176,8 @@ def _scheduler(args, optimizer) -> None:
 
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
                               num_warmup_steps=args.get_warmup_steps(args.max_steps),
-                              num_training_steps=args.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+                              num_training_steps=args.max_steps,
+                              scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     scheduler.step()
 
 
@@ -175,7 +196,8 @@ _TINY_MODEL = None
 
 
 def _sample(generation) -> None:
-    """One sampled token from a tiny random Llama: transformers builds (and checks) every sampling processor."""
+    """One sampled token from a tiny random Llama: transformers builds (and checks) every sampling
+    processor."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -197,12 +219,15 @@ def writable_dir(where: str, path: str | Path) -> None:
     """`path` is, or can be created as, a folder this process may write in."""
     p = Path(path).expanduser().absolute()
     if p.exists() and not p.is_dir():
-        raise ConfigError(f"{where} {path}: exists and is not a folder; allowed: a folder, or a path to create one")
+        raise ConfigError(f"{where} {path}: exists and is not a folder; "
+                          "allowed: a folder, or a path to create one")
     existing = next(a for a in (p, *p.parents) if a.exists())
     if not existing.is_dir():
-        raise ConfigError(f"{where} {path}: {existing} is not a folder; allowed: a path under a writable folder")
+        raise ConfigError(f"{where} {path}: {existing} is not a folder; "
+                          "allowed: a path under a writable folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{where} {path}: {existing} is not writable; allowed: a path under a writable folder")
+        raise ConfigError(f"{where} {path}: {existing} is not writable; "
+                          "allowed: a path under a writable folder")
 
 
 def writable_file(where: str, path: str | Path) -> None:
@@ -231,13 +256,13 @@ def port(where: str, host: str, number: int) -> None:
     try:
         infos = socket.getaddrinfo(host or None, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"--host {host}: cannot be resolved ({e}); allowed: an address of this machine such as "
-                          "127.0.0.1 or 0.0.0.0") from None
+        raise ConfigError(f"--host {host}: cannot be resolved ({e}); allowed: an address of this machine "
+                          "such as 127.0.0.1 or 0.0.0.0") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
         try:
             s.bind(address)
         except OSError as e:
-            raise ConfigError(f"{where} {number}: cannot listen on {host} ({e.strerror}); allowed: a free port "
-                              "this user may open (1024 and above)") from None
+            raise ConfigError(f"{where} {number}: cannot listen on {host} ({e.strerror}); "
+                              "allowed: a free port this user may open (1024 and above)") from None

@@ -7,7 +7,6 @@ GRPOConfig itself. Every error is a `ConfigError` whose message names the field 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import hashlib
 import json
@@ -16,37 +15,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-
-class ConfigError(ValueError):
-    """A bad config value; the CLI prints it on one line and exits with code 2."""
-
-
-# GRPOConfig knobs the harness sets itself: derived from harness fields, so a user may not set them directly.
-MANAGED_TRL_KNOBS = {
-    "steps_per_generation": "set batch_ratio (and generation_batch_size) instead",
-    "gradient_accumulation_steps": "set batch_ratio (and generation_batch_size) instead",
-    "num_iterations": "set iterations instead",
-    "max_steps": "set rollout_batches instead",
-    "num_train_epochs": "set rollout_batches instead",
-    "seed": "set seed instead",
-    "output_dir": "set output_dir instead",
-    "report_to": "the harness logs to MLflow itself",
-    "run_name": "the harness names runs itself",
-    "logging_steps": "the harness logs every optimizer step",
-}
+from harness.checks import ConfigError, check_job
+from harness.trl_args import MANAGED_TRL_KNOBS, shape_of
 
 
 class ProxyModel(BaseModel):
-    """Size of the tiny Llama-style model built for the offline proxy (cached on disk, keyed by these fields)."""
+    """Size of the tiny Llama-style model built for the offline proxy (cached on disk, keyed by these
+    fields)."""
 
     model_config = ConfigDict(extra="forbid")
     hidden_size: int = Field(256, ge=8, description="width of the residual stream")
     intermediate_size: int = Field(512, ge=8, description="width of the MLP")
     num_hidden_layers: int = Field(2, ge=1, description="number of transformer blocks")
     num_attention_heads: int = Field(4, ge=1, description="attention heads (num_key_value_heads = heads/2)")
-    warmstart_steps: int = Field(250, ge=0, description="supervised warm-start steps on the task's train split")
+    warmstart_steps: int = Field(250, ge=0,
+                                 description="supervised warm-start steps on the task's train split")
     warmstart_lr: float = Field(1e-3, gt=0, description="learning rate of the supervised warm start")
     warmstart_batch_size: int = Field(64, ge=1, description="sequences per warm-start step")
     init_seed: int = Field(0, description="seed of the random init and the warm start (not the job seed)")
@@ -65,16 +58,21 @@ class JobConfig(BaseModel):
                              "(= generation_batch_size / optimizer batch)")
     iterations: int = Field(1, ge=1, description="passes over each rollout batch (TRL num_iterations, mu)")
     rollout_batches: int = Field(100, ge=1, description="training budget: rollout batches generated per job")
-    generation_batch_size: int = Field(64, ge=1, description="completions per rollout batch (prompts x num_generations)")
+    generation_batch_size: int = Field(64, ge=1, description="completions per rollout batch "
+                                       "(prompts x num_generations)")
     eval_every: int = Field(10, ge=1, description="rollout batches between greedy validation evaluations")
     val_prompts: int = Field(256, ge=1, description="held-out prompts scored at each validation evaluation")
     train_prompts: int = Field(20000, ge=1, description="size of the generated train split")
-    save_model: bool = Field(False, description="save the final policy to output_dir/model (off: sweeps keep metrics only)")
-    output_dir: str = Field("results/jobs/default", description="folder for the job's log, config and result.json")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU (one per job when jobs run side by side)")
+    save_model: bool = Field(False, description="save the final policy to output_dir/model "
+                             "(off: sweeps keep metrics only)")
+    output_dir: str = Field("results/jobs/default",
+                            description="folder for the job's log, config and result.json")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU "
+                               "(one per job when jobs run side by side)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     experiment: str = Field("harness", description="MLflow experiment name (the sweep sets study/scale)")
-    proxy: ProxyModel = Field(default_factory=ProxyModel, description="tiny proxy model, used when model='proxy'")
+    proxy: ProxyModel = Field(default_factory=ProxyModel,
+                              description="tiny proxy model, used when model='proxy'")
     trl: dict[str, Any] = Field(default_factory=dict, description="GRPOConfig knobs, by GRPOConfig's names")
 
     @field_validator("objective")
@@ -104,7 +102,8 @@ class JobConfig(BaseModel):
             if key in MANAGED_TRL_KNOBS:
                 raise ValueError(f"trl.{key} is managed by the harness: {MANAGED_TRL_KNOBS[key]}")
             if key not in hints:
-                raise ValueError(f"trl.{key} is not a GRPOConfig field (see trl.GRPOConfig for the allowed names)")
+                raise ValueError(f"trl.{key} is not a GRPOConfig field "
+                                 "(see trl.GRPOConfig for the allowed names)")
             out[key] = _coerce(key, value, hints[key])
         return out
 
@@ -114,59 +113,14 @@ class JobConfig(BaseModel):
 
         shape_of(self)  # raises on impossible batch shapes
         loss_type = self.trl.get("loss_type", "dapo")
-        # Every objective shares the study's aggregation: TRL's other loss types (cispo, sapo, ...) are objectives
-        # of their own, and would run under the wrong name.
+        # Every objective shares the study's aggregation: TRL's other loss types (cispo, sapo, ...) are
+        # objectives of their own, and would run under the wrong name.
         if loss_type not in SHARED_LOSS_TYPES:
-            raise ValueError(f"trl.loss_type={loss_type!r}: allowed: one of {', '.join(SHARED_LOSS_TYPES)} (the "
-                             f"aggregation every objective shares; objective {self.objective!r})")
-        self.trl = resolve_knobs(self.objective, self.trl)  # the objective's paper defaults, in the params too
+            raise ValueError(f"trl.loss_type={loss_type!r}: allowed: one of {', '.join(SHARED_LOSS_TYPES)} "
+                             f"(the aggregation every objective shares; objective {self.objective!r})")
+        # the objective's paper defaults, in the params too
+        self.trl = resolve_knobs(self.objective, self.trl)
         return self
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchShape:
-    """How (generation_batch_size, batch_ratio, iterations) map onto TRL's knobs for one process."""
-
-    per_device_train_batch_size: int
-    steps_per_generation: int
-    gradient_accumulation_steps: int
-    num_iterations: int
-    optimizer_steps_per_rollout_batch: int
-
-
-def shape_of(cfg: JobConfig, num_processes: int = 1) -> BatchShape:
-    """Per-process TRL knobs for the global batch sizes the user asked for.
-
-    generation batch = processes x micro-batch x steps_per_generation; optimizer batch = processes x micro-batch
-    x grad accumulation; batch_ratio = steps_per_generation / gradient_accumulation_steps, so each pass over a
-    rollout batch is batch_ratio optimizer steps and the batch receives batch_ratio x iterations steps in all.
-    With this mapping TRL computes old log-probs exactly when batch_ratio x iterations > 1 (see NOTES §2).
-    `generation_batch_size` is global, so a cell computes the same experiment on 1 or k GPUs.
-    """
-    gen = cfg.generation_batch_size
-    g = cfg.trl.get("num_generations", 8)
-    micro = cfg.trl.get("per_device_train_batch_size", 8)
-    if not isinstance(g, int) or not isinstance(micro, int) or g < 1 or micro < 1:
-        raise ValueError("trl.num_generations and trl.per_device_train_batch_size must be positive integers")
-    if gen % g:
-        raise ValueError(f"generation_batch_size={gen} must be divisible by trl.num_generations={g}")
-    if gen % cfg.batch_ratio:
-        raise ValueError(f"generation_batch_size={gen} must be divisible by batch_ratio={cfg.batch_ratio}")
-    optimizer_batch = gen // cfg.batch_ratio
-    if optimizer_batch % (micro * num_processes):
-        raise ValueError(
-            f"optimizer batch generation_batch_size/batch_ratio={optimizer_batch} must be divisible by "
-            f"trl.per_device_train_batch_size={micro}" + (f" x {num_processes} processes" if num_processes > 1 else ""))
-    if micro % g and g % micro:
-        raise ValueError(f"trl.per_device_train_batch_size={micro} and trl.num_generations={g} must divide one another")
-    per_process = micro * num_processes
-    return BatchShape(
-        per_device_train_batch_size=micro,
-        steps_per_generation=gen // per_process,
-        gradient_accumulation_steps=optimizer_batch // per_process,
-        num_iterations=cfg.iterations,
-        optimizer_steps_per_rollout_batch=cfg.batch_ratio * cfg.iterations,
-    )
 
 
 @functools.cache
@@ -205,14 +159,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def parse_value(key: str, raw: str) -> Any:
-    """One `key=value`'s value, read as YAML (1e-5 -> float, [1,2] -> list); malformed YAML is a ConfigError."""
+    """One `key=value`'s value, read as YAML (1e-5 -> float, [1,2] -> list); malformed YAML is a
+    ConfigError."""
     if raw == "":
         return ""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}={raw}: not a YAML value ({str(e).splitlines()[0]}); allowed: a scalar such as "
-                          "1e-5 or a list such as [1,2]") from None
+        raise ConfigError(f"{key}={raw}: not a YAML value ({str(e).splitlines()[0]}); allowed: a scalar "
+                          "such as 1e-5 or a list such as [1,2]") from None
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -226,10 +181,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
-    """Validate a raw mapping, then its values by the objects the job builds (harness.checks); the first problem
-    becomes a one-line ConfigError naming the field."""
-    from harness.checks import check_job
-
+    """Validate a raw mapping, then its values by the objects the job builds (harness.checks); the first
+    problem becomes a one-line ConfigError naming the field."""
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:

@@ -1,4 +1,5 @@
-"""One training job end to end: config -> model and task -> HarnessGRPOTrainer -> MLflow run -> result.json."""
+"""One training job end to end: config -> model and task -> HarnessGRPOTrainer -> MLflow run ->
+result.json."""
 from __future__ import annotations
 
 import json
@@ -12,20 +13,12 @@ from typing import Any
 
 import yaml
 
-from harness.config import BatchShape, ConfigError, JobConfig, config_hash, shape_of
+from harness import contract
+from harness.config import ConfigError, JobConfig, config_hash
+from harness.trl_args import BatchShape, grpo_config_kwargs, shape_of
 from harness.vllm_support import isolate_rendezvous
 
 log = logging.getLogger("harness.job")
-
-# Settings the harness always imposes on GRPOConfig, and why.
-FIXED_TRL_SETTINGS: dict[str, Any] = {
-    "logging_steps": 1,  # one MLflow point per optimizer step
-    "report_to": "none",  # harness.callbacks.MLflowMetrics logs, synchronously, to the harness's own run
-    "save_strategy": "no",
-    "logging_nan_inf_filter": False,  # HF would otherwise hide a NaN loss from the divergence check
-    "disable_tqdm": True,
-    "dataloader_num_workers": 0,
-}
 
 
 def resolve_device(requested: str) -> str:
@@ -55,19 +48,6 @@ def check_vllm(cfg: JobConfig, device: str) -> None:
     check(cfg.trl, device)  # what works on CPU and what needs CUDA: harness/vllm_support.py
 
 
-def grpo_config_kwargs(cfg: JobConfig, shape: BatchShape, device: str) -> dict[str, Any]:
-    """GRPOConfig's arguments; harness.checks builds the same ones (device "cpu") to validate a config."""
-    hardware = ({"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
-                if device == "cpu" else {"bf16": True, "gradient_checkpointing": False})
-    return {**hardware, **cfg.trl, **FIXED_TRL_SETTINGS,
-             "per_device_train_batch_size": shape.per_device_train_batch_size,
-             "steps_per_generation": shape.steps_per_generation,
-             "gradient_accumulation_steps": shape.gradient_accumulation_steps,
-             "num_iterations": shape.num_iterations,
-             "max_steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
-             "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "trainer"), "run_name": cfg.objective}
-
-
 def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
             result_path: str | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -95,10 +75,11 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     digest = config_hash(cfg)
-    run_tags = {"objective": cfg.objective, "batch_ratio": str(cfg.batch_ratio), "iterations": str(cfg.iterations),
-                "seed": str(cfg.seed), "harness.config_hash": digest,
-                "harness.replicate_hash": config_hash(cfg, without_seed=True), "harness.status": "running",
-                "harness.device": device, **tracking.git_state(), **tracking.package_versions(), **(tags or {})}
+    run_tags = {"objective": cfg.objective, "batch_ratio": str(cfg.batch_ratio),
+                "iterations": str(cfg.iterations), "seed": str(cfg.seed), contract.CONFIG_HASH: digest,
+                contract.REPLICATE_HASH: config_hash(cfg, without_seed=True),
+                contract.STATUS: contract.RUNNING, contract.DEVICE: device,
+                **tracking.git_state(), **tracking.package_versions(), **(tags or {})}
     # Under `accelerate launch` every process runs this function; only rank 0 records anything.
     logger_cls = tracking.RunLogger if main else tracking.SilentRunLogger
     logger = logger_cls(cfg.experiment, f"{cfg.objective}-br{cfg.batch_ratio}-it{cfg.iterations}-s{cfg.seed}",
@@ -106,7 +87,7 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
     log.info("MLflow run %s in experiment %r (%s)", logger.run_id, cfg.experiment, tracking.tracking_uri())
     _terminate_as_interrupt()
     t0 = time.time()
-    result: dict[str, Any] = {"run_id": logger.run_id, "config_hash": digest, "status": "failed"}
+    result: dict[str, Any] = {"run_id": logger.run_id, "config_hash": digest, "status": contract.FAILED}
     try:
         logger.log_params({**tracking.flatten(cfg.model_dump(mode="json")),
                            "optimizer_steps_per_rollout_batch": str(shape.optimizer_steps_per_rollout_batch),
@@ -117,15 +98,15 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
         torch.set_num_threads(cfg.torch_threads)
         result.update(_train(cfg, args, shape, objective, task, logger, main))
     except KeyboardInterrupt:
-        logger.set_tags({"harness.status": "killed"})
+        logger.set_tags({contract.STATUS: contract.KILLED})
         logger.finish("KILLED")
         raise
     except BaseException as e:
-        logger.set_tags({"harness.status": "failed", "harness.error": f"{type(e).__name__}: {e}"[:500]})
+        logger.set_tags({contract.STATUS: contract.FAILED, contract.ERROR: f"{type(e).__name__}: {e}"[:500]})
         logger.finish("FAILED")
         raise
     result["wall_s"] = round(time.time() - t0, 1)
-    logger.set_tags({"harness.status": result["status"]})
+    logger.set_tags({contract.STATUS: result["status"]})
     logger.finish("FINISHED")
     _leave_process_group()
     if not main:
@@ -141,8 +122,8 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     from transformers import PrinterCallback
 
     from harness.callbacks import DivergenceGuard, GreedyValidation, MLflowMetrics, ProgressReport
-    from harness.trainer import HarnessGRPOTrainer
     from harness.tracking import cache_root
+    from harness.trainer import HarnessGRPOTrainer
 
     model_path = cfg.model
     if cfg.model == "proxy":
@@ -188,10 +169,10 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     expected = shape.optimizer_steps_per_rollout_batch
     full = steps_per_batch[:-1] if guard.diverged_at is not None else steps_per_batch
     reuse_ok = all(s == expected for s in full)
-    status = "diverged" if guard.diverged_at is not None else "complete"
-    tags = {"harness.steps_per_rollout_batch_ok": str(reuse_ok).lower()}
+    status = contract.DIVERGED if guard.diverged_at is not None else contract.COMPLETE
+    tags = {contract.STEPS_OK: str(reuse_ok).lower()}
     if guard.diverged_at is not None:
-        tags.update({"harness.diverged_at": str(guard.diverged_at), "harness.diverged_reason": guard.reason})
+        tags.update({contract.DIVERGED_AT: str(guard.diverged_at), contract.DIVERGED_REASON: guard.reason})
     logger.set_tags(tags)
     if not reuse_ok:
         log.warning("rollout batches received %s optimizer steps, expected %d", sorted(set(full)), expected)
@@ -200,14 +181,14 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     if validation.history:
         final["val/reward"] = validation.history[-1][1]
         final["val/reward_initial"] = validation.history[0][1]
-    return {"status": status, "steps": trainer.state.global_step, "train_s": round(train_s, 3), "final": final,
-            "steps_per_rollout_batch": steps_per_batch, "steps_per_rollout_batch_expected": expected,
-            "diverged_at": guard.diverged_at}
+    return {"status": status, "steps": trainer.state.global_step, "train_s": round(train_s, 3),
+            "final": final, "steps_per_rollout_batch": steps_per_batch,
+            "steps_per_rollout_batch_expected": expected, "diverged_at": guard.diverged_at}
 
 
 def _leave_process_group() -> None:
-    """Tear down torch.distributed before exit: left to interpreter shutdown, it now and then aborts a finished
-    multi-process job ("terminate called without an active exception")."""
+    """Tear down torch.distributed before exit: left to interpreter shutdown, it now and then aborts a
+    finished multi-process job ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -1,7 +1,8 @@
 """Job config: overrides, batch-shape mapping onto TRL's knobs, hashing."""
 import pytest
 
-from harness.config import ConfigError, config_hash, load_config, parse_overrides, shape_of
+from harness.config import ConfigError, config_hash, load_config, parse_overrides
+from harness.trl_args import shape_of
 
 CONFIG = "configs/proxy.yaml"
 

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 
 from harness.tasks import TASKS, get_task
-from harness.tasks_reasoning import (INSTRUCTION, MAX_SCORED_CHARS, gsm8k_final_answer, gsm8k_solution,
-                                     last_boxed, verify_answer)
+from harness.tasks.reasoning import (
+    INSTRUCTION,
+    MAX_SCORED_CHARS,
+    gsm8k_final_answer,
+    gsm8k_solution,
+    last_boxed,
+    verify_answer,
+)
 
 # ------------------------------------------------------------------------------------------------ fixtures
 

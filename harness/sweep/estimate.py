@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from harness.config import shape_of
 from harness.objectives.registry import OBJECTIVE_KNOBS
 from harness.sweep.cost import SECONDS, predict
 from harness.sweep.display import fmt_s
 from harness.sweep.spec import Cell, Plan
+from harness.trl_args import shape_of
 
 
 def makespan(durations: Iterable[float], workers: int) -> float:

@@ -2,10 +2,10 @@
 
 A fresh `python -m harness train` spends about 10 s importing torch, transformers, TRL and MLflow before its
 first step: most of a short proxy cell. A worker instead starts one multiprocessing forkserver that imports
-them (PRELOAD) and forks a fresh child per attempt. Each attempt is still its own process with its own session,
-log and exit code; it runs exactly what `python -m harness train` runs (harness.cli.main), in the same working
-directory with the same environment, so its numbers are the ones an exec'd job gets (tests/test_job_start.py
-compares the two bit for bit).
+them (PRELOAD) and forks a fresh child per attempt. Each attempt is still its own process with its own
+session, log and exit code; it runs exactly what `python -m harness train` runs (harness.train_cli), in the
+same working directory with the same environment, so its numbers are the ones an exec'd job gets
+(tests/test_job_start.py compares the two bit for bit).
 
 Dying with the worker: the child's parent is the forkserver, not the worker, so the parent-death signal of an
 exec'd job (processes.die_with_parent) cannot name the worker. A thread of the child watches the worker's PID
@@ -13,7 +13,7 @@ exec'd job (processes.die_with_parent) cannot name the worker. A thread of the c
 
 Used for single-process CPU jobs only: a multi-GPU job is `accelerate launch` (its own processes), a vLLM job
 starts engine processes of its own, and CUDA must never be initialised in a process that forks; those, and a
-custom $HARNESS_TRAIN_CMD, are exec'd as before.
+custom $HARNESS_TRAIN_CMD, are exec'd: a fresh process per attempt.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from harness.sweep.processes import pid_alive, pid_start
 
 JOB_STARTS = ("fork", "exec")
-# Imported once by the forkserver; multiprocessing ignores an ImportError there (the child then imports itself).
+# Imported once by the forkserver; multiprocessing ignores an ImportError there (the child then imports
+# itself).
 PRELOAD = ["harness.sweep.preload"]
 WATCH_S = 1.0
 
@@ -75,7 +76,8 @@ class Forkserver:
         return ForkedJob(process)
 
 
-def _child(argv: list[str], log_path: str, env: dict[str, str], cwd: str, worker: tuple[int, str | None]) -> None:
+def _child(argv: list[str], log_path: str, env: dict[str, str], cwd: str,
+           worker: tuple[int, str | None]) -> None:
     """The forked job: its own session and log, the exec'd job's environment and directory, then the CLI."""
     os.setsid()  # its own process group, which the worker signals as a whole
     _watch(*worker)
@@ -89,7 +91,7 @@ def _child(argv: list[str], log_path: str, env: dict[str, str], cwd: str, worker
     os.environ.update(env)
     os.chdir(cwd)
     sys.argv = [sys.executable, "-m", "harness", *argv]
-    from harness.cli import main
+    from harness.train_cli import main
 
     code = main(argv)
     sys.stdout.flush()

@@ -29,10 +29,10 @@ from harness.config import (
     config_hash,
     deep_merge,
     parse_value,
-    shape_of,
 )
 from harness.hypothesis import Hypothesis
 from harness.sweep.cost import cell_cost
+from harness.trl_args import shape_of
 
 SCALES: tuple[str, ...] = ("paper", "proxy", "proxy-full")
 
