@@ -59,7 +59,8 @@ def _regenerate(args: argparse.Namespace, figures: bool) -> int:
     out = regenerate(args.name, args.scale, results_dir=args.results_dir, tracking_uri=args.tracking_uri,
                      cache_dir=args.cache_dir, offline=True if args.offline else None, rules=_rules(args.rule),
                      figures=figures, command=" ".join(["python -m analysis", *args.argv]),
-                     baseline=args.baseline, spec=args.spec, only=_pairs("--only", args.only))
+                     baseline=args.baseline, spec=args.spec, only=_pairs("--only", args.only),
+                     allow_dirty=args.allow_dirty)
     d = out.data
     print(f"{d.experiment}: {len(d.runs)} runs ({d.fetched_runs} read from MLflow, {d.cached_runs} from cache), "
           f"{len(d.excluded)} excluded cells, {int(out.verdicts['collapsed'].sum())} collapsed runs")
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--spec", default=None, metavar="SWEEP.yaml",
                        help="sweep file whose hypothesis: is tested (default: sweeps/NAME.yaml; without one, the "
                             "default question: val AUC over the off-policy cells against the first objective)")
+        p.add_argument("--allow-dirty", action="store_true",
+                       help="publish under results/ runs from a modified tree or several commits, stamping the "
+                            "report and every table provisional (without it, such runs are refused there)")
         p.add_argument("--only", action="append", default=[], metavar="PARAM=VALUE",
                        help="analyse only runs whose MLflow param has this value, e.g. --only rollout_batches=30")
         p.set_defaults(func=lambda a, f=figures: _regenerate(a, f))

@@ -181,9 +181,10 @@ CAPTIONS = {
 
 def write_tables(t: pd.DataFrame, paired_rows: pd.DataFrame, agg: pd.DataFrame, collapse: pd.DataFrame,
                  runs: pd.DataFrame, axes: list[str], folder: str | Path, study: str, scale: str,
-                 margin: float = 0.02, alpha: float = 0.05) -> dict[str, Path]:
+                 margin: float = 0.02, alpha: float = 0.05, stamp: str | None = None) -> dict[str, Path]:
     """tables/{aggregate,collapse,paired,val_reward,stability}.{md,tex} and cells.csv, paired.csv,
-    aggregate.csv, collapse.csv, runs.csv."""
+    aggregate.csv, collapse.csv, runs.csv. stamp (e.g. provisional: code not committed) heads every md and tex
+    table and fills a last `stamp` column of every csv."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -192,7 +193,10 @@ def write_tables(t: pd.DataFrame, paired_rows: pd.DataFrame, agg: pd.DataFrame, 
               "stability": stability_table(t)}
     for name, frame in frames.items():
         caption = f"{_tex(study)} ({_tex(scale)}): {CAPTIONS[name]}."
-        for ext, text in (("md", markdown(frame)), ("tex", latex(frame, caption, f"tab:{study}-{scale}-{name}"))):
+        md, tex = markdown(frame), latex(frame, caption, f"tab:{study}-{scale}-{name}")
+        if stamp:
+            md, tex = f"**{stamp}**\n\n{md}", f"% {stamp}\n{tex}"
+        for ext, text in (("md", md), ("tex", tex)):
             written[f"{name}.{ext}"] = folder / f"{name}.{ext}"
             written[f"{name}.{ext}"].write_text(text)
     csvs = {"cells.csv": csv_frame(t),
@@ -200,6 +204,6 @@ def write_tables(t: pd.DataFrame, paired_rows: pd.DataFrame, agg: pd.DataFrame, 
                                              seeds=paired_rows["seeds"].map(lambda s: " ".join(map(str, s)))),
             "aggregate.csv": agg, "collapse.csv": collapse, "runs.csv": runs}
     for name, frame in csvs.items():
-        frame.to_csv(folder / name, index=False, float_format="%.6g")
+        (frame.assign(stamp=stamp) if stamp else frame).to_csv(folder / name, index=False, float_format="%.6g")
         written[name] = folder / name
     return written

@@ -11,6 +11,13 @@ from pathlib import Path
 from analysis.errors import AnalysisError
 from harness import contract
 
+# Studies written here are published with the repository: their runs must come from committed code.
+PUBLISHED_ROOT = Path(__file__).resolve().parents[1] / "results"
+
+
+def is_published(folder: str | Path) -> bool:
+    return Path(folder).resolve().is_relative_to(PUBLISHED_ROOT.resolve())
+
 
 @dataclasses.dataclass(frozen=True)
 class StudyPaths:

@@ -12,11 +12,11 @@ from analysis.collapse import CollapseRules, detect_collapse
 from analysis.errors import AnalysisError
 from analysis.figures import make_figures
 from analysis.formatting import write_tables
-from analysis.layout import default_tracking_uri, study_paths
+from analysis.layout import default_tracking_uri, is_published, study_paths
 from analysis.load import StudyData, load_study
 from analysis.metrics import REQUIRED
 from analysis.paired import PAIRED_COLUMNS, Control, axis_names, check_baseline, control, paired_table
-from analysis.pooling import code_versions
+from analysis.pooling import code_versions, one_clean_commit
 from analysis.question import Declared, declared
 from analysis.report import write_report
 from analysis.runs import RunInfo
@@ -49,13 +49,14 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
                tracking_uri: str | None = None, cache_dir: str | Path | None = None, offline: bool | None = None,
                rules: CollapseRules | None = None, figures: bool = True, command: str | None = None,
                baseline: str | None = None, spec: str | Path | None = None,
-               only: Mapping[str, str] | None = None) -> Outputs:
+               only: Mapping[str, str] | None = None, allow_dirty: bool = False) -> Outputs:
     """Write tables (and with figures=True, figures and the README) under results_dir/<study>/<scale>/.
 
     The question tested is the one the sweep file declares (analysis.question; spec: its path, default
     sweeps/<study>.yaml). baseline overrides the declared baseline (default: the first in objective order, grpo
     first); only: param filter (analysis.pooling.select). Bad values raise AnalysisError before anything is
-    written.
+    written. A study written under the repository's results/ is published: its runs must all come from one clean
+    commit, else AnalysisError, unless allow_dirty, which stamps the report and every table provisional.
     """
     rules = rules or CollapseRules()
     decl = declared(study, spec)
@@ -80,11 +81,21 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
                                 "comparison needs at least two")
         check_baseline(objectives, baseline)
         contrast_cells({(i.batch_ratio, i.iterations) for i in chosen}, decl.hypothesis)  # before the cache is written
+        versions = code_versions(chosen)
+        if is_published(paths.root) and not allow_dirty and not one_clean_commit(versions):
+            listing = "; ".join(f"{k}: {v} runs" for k, v in versions.items())
+            raise AnalysisError(f"{study}/{scale}: runs from {listing}; publishing under results/ needs every run "
+                                "from one clean commit: rerun from a committed tree, or pass --allow-dirty to "
+                                "stamp the outputs provisional")
 
     data = load_study(study, scale, tracking_uri=uri, cache_dir=paths.cache, offline=offline, only=only,
                       validate=validate)
     data.require(REQUIRED)
     lap("load")
+    versions = code_versions(_infos(data))
+    stamp = None
+    if allow_dirty and not one_clean_commit(versions):
+        stamp = "provisional: code not committed (" + "; ".join(f"{k}: {v} runs" for k, v in versions.items()) + ")"
     verdicts = detect_collapse(data.long, data.runs, rules)
     summaries = run_summaries(data.long, data.runs).merge(verdicts[["run_id", "collapsed"]], on="run_id")
     table = cell_table(summaries, verdicts, data.excluded)
@@ -101,7 +112,7 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
     ctl = control(paired_rows)
     lap("analyse")
     tables = write_tables(table, paired_rows, agg, collapse, run_table(summaries, verdicts), axes, paths.tables,
-                          study, scale, hyp.margin, hyp.alpha)
+                          study, scale, hyp.margin, hyp.alpha, stamp)
     lap("tables")
     figs, report = {}, None
     if figures:
@@ -109,7 +120,7 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
         lap("figures")
         command = command or f"python -m analysis figures {study} --scale {scale}"
         analysis = {"baseline": base, "axes": axes, "paired": paired_rows, "aggregate": agg, "collapse": collapse,
-                    "control": ctl, "versions": code_versions(_infos(data)), "summaries": summaries,
+                    "control": ctl, "versions": versions, "stamp": stamp, "summaries": summaries,
                     "declared": decl, "baseline_overridden": baseline is not None and baseline != hyp.baseline}
         report = write_report(data, verdicts, table, analysis, figs, tables, paths.readme, rules, command,
                               paths.cache)

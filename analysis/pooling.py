@@ -52,9 +52,17 @@ def check_replicates(infos: list[RunInfo]) -> None:
 
 
 def code_versions(infos: list[RunInfo]) -> dict[str, int]:
-    """{"<commit>" or "<commit> (dirty tree)": number of runs}, most runs first."""
+    """{"<commit>", "<commit> (dirty tree[, diff <hash>])" or "unknown": number of runs}, most runs first."""
     counts: dict[str, int] = {}
     for i in infos:
-        key = (i.git_commit or "unknown") + (" (dirty tree)" if i.git_dirty == "true" else "")
+        key = i.git_commit or "unknown"
+        if i.git_dirty == "true":
+            key += f" (dirty tree, diff {i.git_diff_hash[:12]})" if i.git_diff_hash else " (dirty tree)"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def one_clean_commit(versions: dict[str, int]) -> bool:
+    """Every run from one commit, with a clean tree: the only code a published number may come from."""
+    (key, *rest) = versions or {"unknown": 0}
+    return not rest and key != "unknown" and "dirty" not in key

@@ -199,6 +199,9 @@ def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, a
           f"with this page in [{runs_dir}/]({runs_dir}/) (one parquet file per run: its params, tags and the metric "
           "curves the analysis reads), so the same command on a fresh clone, without the MLflow store, "
           "regenerates everything here. Do not edit by hand: rerun the command.", ""]
+    if a.get("stamp"):
+        md += [f"**{a['stamp'][0].upper()}{a['stamp'][1:]}**: these numbers cannot be traced to committed code; "
+               "do not cite them.", ""]
     if a["baseline"]:
         agg = a["aggregate"]
         md += ["## Verdict", "", *question_lines(a["declared"], a["baseline"], agg, a["baseline_overridden"]), "",

@@ -42,6 +42,7 @@ class RunInfo:
     val_prompts: int | None = None  # param val_prompts: sample size behind each val/reward value
     git_commit: str = ""  # git.commit tag
     git_dirty: str = ""  # git.dirty tag ("true" when the job ran from a modified tree)
+    git_diff_hash: str = ""  # git.diff_hash tag: which modification (absent for clean runs and older runs)
     steps_ok: str = ""  # harness.steps_per_rollout_batch_ok ("false": a rollout batch got fewer/more steps)
     params: str = "{}"  # JSON of the run's params minus PER_RUN_PARAMS: what must agree between seeds
 
@@ -107,8 +108,9 @@ def run_info(run: Run) -> RunInfo | None:
             budget=_int_param(params, "rollout_batches"),
             eval_every=_int_param(params, "eval_every"),
             val_prompts=_int_param(params, "val_prompts"),
-            git_commit=tags.get("git.commit", ""),
-            git_dirty=tags.get("git.dirty", ""),
+            git_commit=tags.get(contract.GIT_COMMIT, ""),
+            git_dirty=tags.get(contract.GIT_DIRTY, ""),
+            git_diff_hash=tags.get(contract.GIT_DIFF_HASH, ""),
             steps_ok=tags.get(contract.STEPS_OK, ""),
             params=json.dumps({k: v for k, v in sorted(params.items()) if k not in PER_RUN_PARAMS}),
         )

@@ -45,6 +45,10 @@ DIVERGED_AT = "harness.diverged_at"
 DIVERGED_REASON = "harness.diverged_reason"
 ERROR = "harness.error"
 SUPERSEDED_WHY = "harness.superseded"
+# --- code identity of the tree a job ran from (harness.tracking.git_state)
+GIT_COMMIT = "git.commit"
+GIT_DIRTY = "git.dirty"  # "true" when tracked or untracked source files differ from the commit
+GIT_DIFF_HASH = "git.diff_hash"  # sha256 of the diff against the commit (untracked source files included)
 # --- on a sweep invocation's parent run
 SWEEP = "harness.sweep"  # "true" on the parent run (no metrics)
 HOST = "harness.host"

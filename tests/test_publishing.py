@@ -1,0 +1,81 @@
+"""Publishing refuses numbers that cannot be traced to committed code: a study written under the repository's
+results/ must have every run from one clean commit, unless --allow-dirty stamps every output provisional."""
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+import analysis.layout
+from analysis.cli import main
+from analysis.synthetic import make_study
+
+
+@pytest.fixture()
+def published(tmp_path, monkeypatch):
+    """A synthetic study whose runs all carry commit `c0ffee` from a clean tree, and a stand-in for the
+    repository's results/ (the real one holds the published studies and must not be written by a test)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_study(uri, "p", cells=[(1, 1), (2, 2)], seeds=(0, 1), rollout_batches=10)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("p/proxy").experiment_id])
+    runs = [r for r in runs if r.data.tags.get("harness.status") in ("complete", "diverged")]  # the counted ones
+    for run in runs:
+        client.set_tag(run.info.run_id, "git.commit", "c0ffee")
+        client.set_tag(run.info.run_id, "git.dirty", "false")
+    results = tmp_path / "results"
+    monkeypatch.setattr(analysis.layout, "PUBLISHED_ROOT", results)
+    argv = ["tables", "p", "--scale", "proxy", "--results-dir", str(results), "--tracking-uri", uri,
+            "--spec", str(tmp_path / "none.yaml")]
+    (tmp_path / "none.yaml").write_text("study: p\n")
+    return client, runs, results, argv
+
+
+def test_one_clean_commit_is_published(published, capsys):
+    _, _, results, argv = published
+    assert main(argv) == 0
+    assert "provisional" not in (results / "p" / "proxy" / "tables" / "aggregate.csv").read_text()
+
+
+def test_a_dirty_run_is_refused_with_nothing_written(published, capsys):
+    client, runs, results, argv = published
+    client.set_tag(runs[0].info.run_id, "git.dirty", "true")
+    client.set_tag(runs[0].info.run_id, "git.diff_hash", "d1ff" * 16)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c0ffee (dirty tree, diff d1ffd1ffd1ff): 1 runs" in err and "--allow-dirty" in err
+    assert not (results / "p").exists()
+
+
+def test_several_commits_or_unknown_code_are_refused(published, capsys):
+    client, runs, results, argv = published
+    client.set_tag(runs[0].info.run_id, "git.commit", "beef")
+    assert main(argv) == 2
+    assert "beef: 1 runs" in capsys.readouterr().err
+    client.delete_tag(runs[0].info.run_id, "git.commit")
+    assert main(argv) == 2
+    assert "unknown: 1 runs" in capsys.readouterr().err
+    assert not (results / "p").exists()
+
+
+def test_allow_dirty_stamps_report_and_every_table(published, capsys):
+    client, runs, results, argv = published
+    client.set_tag(runs[0].info.run_id, "git.dirty", "true")
+    argv = ["figures", *argv[1:], "--allow-dirty"]
+    assert main(argv) == 0
+    out = results / "p" / "proxy"
+    tables = sorted((out / "tables").iterdir())
+    assert len(tables) == 15
+    for path in tables:
+        assert "provisional: code not committed (c0ffee" in path.read_text(), path.name
+    readme = (out / "README.md").read_text()
+    assert "Provisional: code not committed" in readme and "--allow-dirty" in readme.splitlines()[2]
+
+
+def test_outside_results_the_report_says_it_and_nothing_is_refused(published, tmp_path, capsys):
+    client, runs, _, argv = published
+    client.set_tag(runs[0].info.run_id, "git.dirty", "true")
+    elsewhere = tmp_path / "elsewhere"
+    argv = ["figures", *argv[1:]]
+    argv[argv.index("--results-dir") + 1] = str(elsewhere)
+    assert main(argv) == 0
+    assert "Code versions differ or are not clean" in (elsewhere / "p" / "proxy" / "README.md").read_text()
