@@ -1,12 +1,14 @@
-"""`python -m analysis figures|tables|bench ...`; bad input is one line on stderr and exit code 2.
+"""`python -m analysis figures|tables|replicate|import|bench ...`; bad input is one line on stderr and exit 2.
 
-    python -m analysis figures NAME [--scale proxy] [--results-dir results] [--tracking-uri URI]
-                                    [--cache-dir DIR] [--offline] [--rule KEY=VALUE ...]
+    python -m analysis figures NAME [--scale auto] [--results-dir results] [--tracking-uri URI]
+                                    [--cache-dir DIR] [--offline] [--rule KEY=VALUE ...] [--allow-dirty]
                                     [--baseline OBJECTIVE] [--spec SWEEP.yaml] [--only PARAM=VALUE ...]
-        figures, tables and README.md under RESULTS_DIR/NAME/SCALE/
+        figures, tables and README.md under RESULTS_DIR/NAME/SCALE/ (and, read from MLflow, attached to the
+        study's sweep run there)
     python -m analysis tables NAME ...   tables only
     python -m analysis replicate NAME --against DIR [--scale S] [--results-dir R] [--tracking-uri URI]
         does a rerun reproduce the published study in DIR (results/NAME/SCALE with runs/)? exit 0 yes, 1 no
+    python -m analysis import NAME [--scale S]   published runs/ into MLflow, for the UI
     python -m analysis bench [NAME] ...  cold-store vs warm-cache regeneration time (synthetic study by default)
 """
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _regenerate(args: argparse.Namespace, figures: bool) -> int:
-    from analysis.pipeline import regenerate
+    from analysis.pipeline import primary_sentence, regenerate
 
     out = regenerate(args.name, args.scale, results_dir=args.results_dir, tracking_uri=args.tracking_uri,
                      cache_dir=args.cache_dir, offline=True if args.offline else None, rules=_rules(args.rule),
@@ -65,10 +67,8 @@ def _regenerate(args: argparse.Namespace, figures: bool) -> int:
     print(f"{d.experiment}: {len(d.runs)} runs ({d.fetched_runs} read from MLflow, {d.cached_runs} from cache), "
           f"{len(d.excluded)} excluded cells, {int(out.verdicts['collapsed'].sum())} collapsed runs")
     print(f"baseline: {out.baseline or 'none (one objective)'}; on-policy control: {out.control.status}")
-    primary = out.aggregate[out.aggregate["role"] == "primary"] if len(out.aggregate) else out.aggregate
-    for r in primary.itertuples(index=False):
-        print(f"primary ({r.measure}, {r.contrast} over {r.cells}): {r.objective} - {r.baseline}: {r.verdict}, "
-              f"{r.mean:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}] on {r.seeds} seeds, Holm p {r.p_adj:.3g}")
+    if len(out.aggregate):
+        print(primary_sentence(out.aggregate))
     print(f"tables: {len(out.tables)} files in {next(iter(out.tables.values())).parent}")
     if figures:
         print(f"figures: {sum(map(len, out.figures.values()))} files in {out.figures['stable_regime'][0].parent}")
@@ -100,6 +100,17 @@ def _replicate(args: argparse.Namespace) -> int:
     print(f"{len(checks) - failed} of {len(checks)} conclusions reproduce" + (
         "" if failed else "; reproduces: every conclusion"))
     return 1 if failed else 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from analysis.browse import import_published
+    from analysis.layout import default_tracking_uri, study_paths
+
+    runs = study_paths(args.results_dir, args.name, args.scale).cache
+    uri = args.tracking_uri or default_tracking_uri(args.results_dir)
+    name, made, there = import_published(args.name, args.scale, runs, uri)
+    print(f"{name}: {made} runs imported from {runs}, {there} already there; browse: just ui")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--against", required=True, metavar="DIR", help="published study folder (results/NAME/SCALE)")
     r.add_argument("--spec", default=None, metavar="SWEEP.yaml", help="sweep file whose hypothesis: is compared")
     r.set_defaults(func=_replicate)
+    i = sub.add_parser("import", help="load a published study's runs into an MLflow store, to browse them",
+                       description="load results/NAME/SCALE/runs/ into the MLflow store as experiment "
+                                   "'NAME/SCALE (published)' (each run once)")
+    i.add_argument("name", help="study name")
+    _common(i)
+    i.set_defaults(func=_import)
     b = sub.add_parser("bench", help="time regeneration from a cold MLflow store vs a warm cache",
                        description="time regeneration from a cold MLflow store vs a warm cache; without NAME, on a "
                                    "synthetic study built in a temporary folder")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.browse import attach
 from analysis.collapse import CollapseRules, detect_collapse
 from analysis.errors import AnalysisError
 from analysis.figures import make_figures
@@ -124,9 +125,19 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
                     "declared": decl, "baseline_overridden": baseline is not None and baseline != hyp.baseline}
         report = write_report(data, verdicts, table, analysis, figs, tables, paths.readme, rules, command,
                               paths.cache)
+        if not data.source.startswith("cache "):  # read from MLflow: the report goes next to the runs there
+            attach(uri, study, scale, paths.root, primary_sentence(agg) or "No verdict (one objective).")
         lap("report")
     return Outputs(data, verdicts, summaries, table, paired_rows, agg, collapse, ctl, decl, base, tables, figs,
                    report, seconds)
+
+
+def primary_sentence(agg: pd.DataFrame) -> str:
+    """One line per primary comparison, as the CLI prints it."""
+    primary = agg[agg["role"] == "primary"] if len(agg) else agg
+    return "\n".join(f"primary ({r.measure}, {r.contrast} over {r.cells}): {r.objective} - {r.baseline}: "
+                     f"{r.verdict}, {r.mean:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}] on {r.seeds} seeds, Holm p {r.p_adj:.3g}"
+                     for r in primary.itertuples(index=False))
 
 
 def _infos(data: StudyData) -> list[RunInfo]:

@@ -79,3 +79,31 @@ def test_outside_results_the_report_says_it_and_nothing_is_refused(published, tm
     argv[argv.index("--results-dir") + 1] = str(elsewhere)
     assert main(argv) == 0
     assert "Code versions differ or are not clean" in (elsewhere / "p" / "proxy" / "README.md").read_text()
+
+
+def test_report_attached_to_the_sweep_run_and_published_runs_import_once(published, tmp_path, capsys):
+    """figures read from MLflow log the report next to the runs; `import` loads runs/ into another store."""
+    client, _, results, argv = published
+    assert main(["figures", *argv[1:]]) == 0
+    exp = client.get_experiment_by_name("p/proxy")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`harness.sweep` = 'true'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert logged == {"study/README.md", "study/tables", "study/figures"}
+    assert "primary (auc_val" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
+
+    other = f"sqlite:///{tmp_path / 'browse.db'}"
+    common = ["p", "--scale", "proxy", "--results-dir", str(results), "--tracking-uri", other]
+    assert main(["import", *common]) == 0
+    assert "8 runs imported" in capsys.readouterr().out
+    assert main(["import", *common]) == 0
+    again = capsys.readouterr().out
+    assert "0 runs imported" in again and "8 already there" in again
+    browse = MlflowClient(other)
+    copies = browse.search_runs([browse.get_experiment_by_name("p/proxy (published)").experiment_id])
+    assert len(copies) == 8
+    source = {r.data.tags["harness.source_run"]: r for r in copies}
+    original = client.get_run(next(iter(source)))
+    copy = source[original.info.run_id]
+    assert copy.data.tags["objective"] == original.data.tags["objective"]
+    assert [m.value for m in browse.get_metric_history(copy.info.run_id, "val/reward")] == \
+        [m.value for m in client.get_metric_history(original.info.run_id, "val/reward")]
