@@ -57,7 +57,8 @@ def import_published(study: str, scale: str, runs_dir: Path, tracking_uri: str) 
     name = f"{experiment_name(study, scale)} (published)"
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(
+        name, artifact_location=contract.artifact_location(tracking_uri))
     done = {r.data.tags.get(SOURCE_RUN) for r in client.search_runs([exp_id], max_results=50000)}
     cache, made = RunCache(runs_dir), 0
     for entry in entries:

@@ -119,7 +119,8 @@ def make_study(tracking_uri: str, study: str = "synthetic", scale: str = "proxy"
 
     cells: the (batch_ratio, iterations) pairs to run instead of the full batch_ratios x iterations grid."""
     client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment(experiment_name(study, scale))
+    experiment_id = client.create_experiment(experiment_name(study, scale),
+                                             artifact_location=contract.artifact_location(tracking_uri))
     parent = sweep_parent(client, experiment_id, study, scale)
     common = dict(study=study, scale=scale, parent_run_id=parent)
     cells = list(cells) if cells is not None else [(b, i) for b in batch_ratios for i in iterations]

@@ -104,6 +104,14 @@ def tracking_uri(results: str | Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (MLflow's default, ./mlruns of the
+    working directory, would scatter them); the server's own default otherwise."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def experiment_name(study: str, scale: str) -> str:
     """The MLflow experiment (and ledger study) of a study at one scale."""
     return f"{study}/{scale}"

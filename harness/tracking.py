@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.contract import results_root, tracking_uri
+from harness.contract import artifact_location, results_root, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -82,12 +82,8 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    # A local store's artifacts sit beside it (MLflow's default, ./mlruns of the cwd, scatters them).
-    artifacts = None
-    if c.tracking_uri.startswith("sqlite:///"):
-        artifacts = (Path(c.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return c.create_experiment(name, artifact_location=artifacts)
+        return c.create_experiment(name, artifact_location=artifact_location(c.tracking_uri))
     except Exception:  # another worker created it first
         exp = c.get_experiment_by_name(name)
         if exp is None:

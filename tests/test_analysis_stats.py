@@ -7,8 +7,17 @@ import pytest
 from scipy import stats
 
 from analysis.paired import control, paired_table
-from analysis.stats import (clopper_pearson, detectable_effect, holm, mcnemar_exact, mean_ci, paired, seeds_for_power,
-                            sign_flip_test, tost)
+from analysis.stats import (
+    clopper_pearson,
+    detectable_effect,
+    holm,
+    mcnemar_exact,
+    mean_ci,
+    paired,
+    seeds_for_power,
+    sign_flip_test,
+    tost,
+)
 from analysis.verdicts import collapse_table, seed_contrasts, verdict_table
 from harness.hypothesis import Hypothesis
 

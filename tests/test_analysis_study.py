@@ -10,13 +10,13 @@ from matplotlib.patches import Rectangle
 from mlflow import MlflowClient
 from scipy import stats
 
-from analysis.regen_bench import benchmark
 from analysis.cli import main
 from analysis.collapse import detect_collapse
 from analysis.errors import AnalysisError
 from analysis.figures import HATCH, curve_figure, curve_metrics, stable_regime_figure
 from analysis.load import LONG_COLUMNS, load_study
 from analysis.metrics import CURVES
+from analysis.regen_bench import benchmark
 from analysis.summary import run_summaries
 from analysis.synthetic import log_run, sweep_parent
 from analysis.tables import cell_table
@@ -96,7 +96,7 @@ def store(tmp_path_factory) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     ids: dict = {}
-    exp = client.create_experiment("s/proxy")
+    exp = client.create_experiment("s/proxy", artifact_location=(root / "mlartifacts").as_uri())
     parent = sweep_parent(client, exp, "s", "proxy")
     for objective, b, it, seed, run_kw, m_kw in RUNS:
         run_id = log_run(client, exp, study="s", scale="proxy", objective=objective, batch_ratio=b, iterations=it,
@@ -407,7 +407,8 @@ def test_the_declared_hypothesis_is_what_is_tested(store, tmp_path, capsys):
                           ("study: s\nhypothesis: {measure: gain_val}\n", "hypothesis.measure")]:
         spec.write_text(text)
         out = tmp_path / "bad"
-        assert main(["tables", "s", "--results-dir", str(out), "--tracking-uri", store["uri"], "--spec", str(spec)]) == 2
+        argv = ["tables", "s", "--results-dir", str(out), "--tracking-uri", store["uri"], "--spec", str(spec)]
+        assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
         assert not out.exists()

@@ -8,11 +8,11 @@ from pydantic import ValidationError
 from scipy import stats
 
 from analysis.collapse import CollapseRules, first_streak, judge_run, val_collapse_step
+from analysis.formatting import latex, markdown
 from analysis.layout import missing_sqlite_file, study_paths
 from analysis.runs import RunInfo, choose_attempts
 from analysis.stats import mean_ci
 from analysis.style import OKABE_ITO, objective_order, objective_styles
-from analysis.formatting import latex, markdown
 from analysis.summary import val_scores
 
 

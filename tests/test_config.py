@@ -22,7 +22,8 @@ def test_scientific_notation_becomes_a_float():
 def test_batch_shape_maps_axes_onto_trl(batch_ratio, iterations, spg, ga):
     cfg = load_config(CONFIG, [f"batch_ratio={batch_ratio}", f"iterations={iterations}"])  # 64 completions, micro 16
     shape = shape_of(cfg)
-    assert (shape.steps_per_generation, shape.gradient_accumulation_steps, shape.num_iterations) == (spg, ga, iterations)
+    got = (shape.steps_per_generation, shape.gradient_accumulation_steps, shape.num_iterations)
+    assert got == (spg, ga, iterations)
     assert shape.steps_per_generation // shape.gradient_accumulation_steps == batch_ratio
     assert shape.optimizer_steps_per_rollout_batch == batch_ratio * iterations
 

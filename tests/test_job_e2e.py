@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_JOB, run_harness
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-
-from conftest import TINY_JOB, run_harness
 
 CONFIG = "configs/proxy.yaml"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -80,7 +79,8 @@ def tables(env: dict[str, str], results: Path) -> dict[str, str]:
 def test_forked_jobs_log_the_same_numbers_as_execd_jobs(tmp_path):
     env_f, results_f = sweep(tmp_path, "fork", [])
     env_e, results_e = sweep(tmp_path, "exec", [])
-    logs = {how: [p.read_text().splitlines()[0] for p in (r / "grpo-vs-cfpo" / "proxy" / "jobs").glob("*/attempt-1.log")]
+    logs = {how: [p.read_text().splitlines()[0]
+                  for p in (r / "grpo-vs-cfpo" / "proxy" / "jobs").glob("*/attempt-1.log")]
             for how, r in (("fork", results_f), ("exec", results_e))}
     assert len(logs["fork"]) == 2 and all(line.endswith("(forked)") for line in logs["fork"]), logs
     assert len(logs["exec"]) == 2 and not any(line.endswith("(forked)") for line in logs["exec"]), logs

@@ -23,10 +23,10 @@ import threading
 import pytest
 import torch
 import yaml
+from conftest import TINY_JOB
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import TINY_JOB
 from harness.config import parse_overrides
 from harness.sweep.ledger import DEEPSPEED, GPUS_PER_JOB, Ledger, open_storage
 from harness.sweep.spec import load_spec, make_plan

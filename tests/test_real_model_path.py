@@ -5,14 +5,14 @@ import json
 import string
 
 import pytest
+import tiny_chat_model
 import torch
+from conftest import run_harness
 from mlflow.tracking import MlflowClient
+from test_tasks_reasoning import GSM8K_TEST, GSM8K_TRAIN, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tiny_chat_model
-from conftest import run_harness
 from harness.proxy_model import build_tokenizer
-from test_tasks_reasoning import GSM8K_TEST, GSM8K_TRAIN, write_jsonl
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, TINY_JOB
+
 from harness.step_bench import RATIOS, TARGET_RATIO, main, summarize
 
 

@@ -12,9 +12,9 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from analysis.paired import CONTROL_OBJECTIVES
+from harness.config import ProxyModel
 from harness.objectives import SHARED_LOSS_TYPES, Objective, clipped_surrogate, get_objective
 from harness.proxy_model import build_model, build_tokenizer
-from harness.config import ProxyModel
 from harness.trainer import HarnessGRPOTrainer
 
 ALPHABET = "0123456789+=,;"

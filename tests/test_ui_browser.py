@@ -2,7 +2,6 @@
 in headless Debian chromium by Playwright: runs page -> the cell's run (by name) -> its metrics, with screenshots."""
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from harness.ui import stop_process_group
 
 CHROMIUM = Path("/usr/bin/chromium")
-# These flags let Debian's chromium run headless in a container; Playwright's own browser download fails on these machines.
+# These flags let Debian's chromium run headless in a container (Playwright's own browser download fails here).
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STUDY = "grpo-vs-cfpo/proxy"

@@ -27,10 +27,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import tiny_chat_model
 import yaml
 from mlflow.tracking import MlflowClient
 
-import tiny_chat_model
 from harness.cli import main
 from harness.tasks import get_task
 
@@ -135,7 +135,7 @@ def sweep_runs(root: Path) -> dict[str, object]:
             log = root / "sweep" / "results" / "vllm-cpu" / "proxy" / "jobs" / cell / f"attempt-{attempt}.log"
             tail = log.read_text()[-1500:] if log.exists() else "(no log)"
             warnings.warn(f"cell {cell} attempt {attempt}: {r.info.status} {r.data.tags.get('harness.status')} "
-                          f"{r.data.tags.get('harness.error', '')}; log tail:\n{tail}")
+                          f"{r.data.tags.get('harness.error', '')}; log tail:\n{tail}", stacklevel=1)
     usable = [r for r in runs if r.data.tags.get("harness.status") == "complete"]
     by_objective = {r.data.tags["objective"]: r for r in usable}
     assert len(by_objective) == len(usable), "two complete runs of one objective's cell"
