@@ -95,6 +95,9 @@ def run_job(cfg: JobConfig, tags: dict[str, str] | None = None, parent_run_id: s
                            "trl.gradient_accumulation_steps": str(shape.gradient_accumulation_steps)})
         if main:
             logger.log_artifact(out / "config.yaml")
+            if tracking.loaded_diff():  # the uncommitted code this run's git.diff_hash names
+                (out / "code.diff").write_text(tracking.loaded_diff())
+                logger.log_artifact(out / "code.diff")
         torch.set_num_threads(cfg.torch_threads)
         result.update(_train(cfg, args, shape, objective, task, logger, main))
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import contract
 from harness.contract import artifact_location, results_root, tracking_uri
 
 if TYPE_CHECKING:
@@ -91,18 +93,50 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
         return exp.experiment_id
 
 
+# The code a run's numbers depend on: changes anywhere else (results/, docs/) leave a run's code clean.
+SOURCE = ("harness", "analysis", "configs", "sweeps", "pyproject.toml", "constraints.txt")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def code_diff() -> str:
+    """The source's difference from HEAD: `git diff` of tracked files, then every untracked (not ignored)
+    source file in full. Empty for a clean tree."""
+    diff = _git("diff", "HEAD", "--", *SOURCE)
+    for path in _git("ls-files", "--others", "--exclude-standard", "--", *SOURCE).splitlines():
+        try:
+            diff += f"untracked file {path}\n{(REPO_ROOT / path).read_text(errors='replace')}\n"
+        except OSError:
+            diff += f"untracked file {path} (unreadable)\n"
+    return diff
+
+
+def code_state() -> dict[str, str]:
+    """The tree as it is now: commit, whether the source differs from it, and a hash of that difference."""
+    diff = code_diff()
+    state = {contract.GIT_COMMIT: _git("rev-parse", "HEAD").strip() or "unknown",
+             contract.GIT_DIRTY: str(bool(diff)).lower()}
+    if diff:
+        state[contract.GIT_DIFF_HASH] = hashlib.sha256(diff.encode()).hexdigest()
+    return state
+
+
 @functools.cache  # per process: a forked job reports what its forkserver loaded (harness.sweep.preload)
 def git_state() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
+    """code_state() when this process first asked: for a job, the code it imported."""
+    return code_state()
 
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+@functools.cache
+def loaded_diff() -> str:
+    """code_diff() read with git_state(), for the run's `code.diff` artifact."""
+    git_state()
+    return code_diff()
 
 
 def package_versions() -> dict[str, str]:

@@ -21,4 +21,4 @@ import harness.trainer  # noqa: F401
 import harness.validation  # noqa: F401
 from harness import tracking
 
-tracking.git_state()  # cached for the forked jobs
+tracking.loaded_diff()  # the git state and diff, cached for the forked jobs
