@@ -1,12 +1,13 @@
-"""`python -m harness.ui mlflow|dashboard`: look at the runs (MLflow UI) or at a sweep's ledger (optuna-dashboard).
+"""`python -m harness.ui mlflow|dashboard`: the runs (MLflow UI) or a sweep's ledger (optuna-dashboard).
 
     python -m harness.ui mlflow [--host 127.0.0.1] [--port 5000] [--workers 1]
     python -m harness.ui dashboard NAME [--scale proxy] [--port 8080]
 
-`mlflow` starts `mlflow server` on the harness's store (`harness.tracking.tracking_uri()`: $MLFLOW_TRACKING_URI,
-else results/mlflow.db with artifacts in results/mlartifacts) and prints the UI's address once the server answers
-/health. `dashboard` serves the sweep's Optuna ledger (results/<study>/<scale>/ledger.journal, or --storage) with
-optuna-dashboard. Both stay in the foreground until Ctrl-C or SIGTERM. Bad input: one line, exit code 2.
+`mlflow` starts `mlflow server` on the harness's store (`harness.tracking.tracking_uri()`:
+$MLFLOW_TRACKING_URI, else results/mlflow.db with artifacts in results/mlartifacts) and prints the UI's
+address once the server answers /health. `dashboard` serves the sweep's Optuna ledger
+(results/<study>/<scale>/ledger.journal, or --storage) with optuna-dashboard. Both stay in the foreground
+until Ctrl-C or SIGTERM. Bad input: one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -23,19 +24,21 @@ from pathlib import Path
 
 from harness.config import ConfigError
 
-READY_TIMEOUT_S = 120.0  # the MLflow server took 9-16 s to answer /health on 2 cores (NOTES §5)
+READY_TIMEOUT_S = 120.0  # the MLflow server took 9-16 s to answer /health on 2 cores
 
 
 # ---------------------------------------------------------------------------------------------------- mlflow
 def mlflow_server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
     """The `mlflow server` command line serving a local store; artifacts of a sqlite store sit beside it (as
-    `harness.tracking.ensure_experiment` places them), so experiments made by the UI match those made by jobs."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", str(workers)]
+    `harness.tracking.ensure_experiment` places them), so experiments made by the UI match those made by
+    jobs."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", str(workers)]
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.is_file():
-            raise ConfigError(f"{db}: no MLflow store yet; run a job or a sweep first (or set MLFLOW_TRACKING_URI)")
+            raise ConfigError(f"{db}: no MLflow store yet; run a job or a sweep first (or set "
+                              "MLFLOW_TRACKING_URI)")
         artifacts = (db.parent / "mlartifacts").as_uri()
         cmd += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
     return cmd
@@ -76,7 +79,8 @@ def _mlflow(args: argparse.Namespace) -> int:
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
-        print(f"MLFLOW_TRACKING_URI is a tracking server; its UI is {uri.rstrip('/')}/#/experiments", flush=True)
+        print(f"MLFLOW_TRACKING_URI is a tracking server; its UI is {uri.rstrip('/')}/#/experiments",
+              flush=True)
         return 0
     cmd = mlflow_server_command(uri, args.host, args.port, args.workers)
     _check_server_options(args)
@@ -115,19 +119,22 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 # ------------------------------------------------------------------------------------------------- dashboard
 def ledger_storage(name: str, scale: str, storage: str | None, results_dir: str | None) -> tuple[str, str]:
-    """(storage url or journal path, study name) of an existing sweep, resolved as `python -m harness status`."""
+    """(storage url or journal path, study name) of an existing sweep, resolved as `python -m harness
+    status`."""
     from harness.sweep.ledger import check_storage
-    from harness.sweep.spec import SCALES, load_spec, pick_scale
+    from harness.sweep.spec import load_spec, pick_scale, scale_spec
 
     if results_dir:
         os.environ["HARNESS_RESULTS"] = str(Path(results_dir).resolve())
     from harness.tracking import results_root
 
-    spec, _ = load_spec(name)
+    spec, path = load_spec(name)
     results = results_root()
     if scale == "auto":  # the scale whose ledger is here, if only one is
-        here = [s for s in SCALES if (results / spec.study / s / "ledger.journal").is_file()]
-        scale = here[0] if len(here) == 1 and storage is None else pick_scale("auto")[0]
+        here = [s for s in spec.scales if (results / spec.study / s / "ledger.journal").is_file()]
+        scale = here[0] if len(here) == 1 and storage is None else pick_scale(spec, path, "auto")[0]
+    else:
+        scale_spec(spec, path, scale)  # one the spec defines
     journal = results / spec.study / scale / "ledger.journal"
     url = check_storage(storage, journal)
     if storage is None and not journal.is_file():
@@ -177,18 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mlflow", help="MLflow UI on the harness's store (tracking_uri())")
-    m.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    m.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1: this machine only)")
     m.add_argument("--port", type=int, default=5000)
     m.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     m.set_defaults(func=_mlflow)
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on a sweep's ledger")
     d.add_argument("name", metavar="NAME", help="sweeps/NAME.yaml, or a path to a sweep spec")
-    d.add_argument("--scale", choices=("auto", "paper", "proxy", "proxy-full"), default="auto",
-                   help="auto: the scale whose ledger exists, if only one does; else paper with CUDA, proxy without")
+    # Any scale the sweep file defines: checked once the spec is loaded (ledger_storage).
+    d.add_argument("--scale", default="auto",
+                   help="a scale of the sweep file, or auto: the scale whose ledger exists, if only one "
+                        "does; else the first scale whose device is here (device: cuda needs a GPU)")
     d.add_argument("--storage", default=None,
-                   help="ledger: a journal file path or postgresql://... (default: results/<study>/<scale>/ledger.journal)")
-    d.add_argument("--results-dir", default=None, help="results root (default $HARNESS_RESULTS, else ./results)")
+                   help="ledger: a journal file path or postgresql://... (default: "
+                        "results/<study>/<scale>/ledger.journal)")
+    d.add_argument("--results-dir", default=None,
+                   help="results root (default $HARNESS_RESULTS, else ./results)")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=_dashboard)

@@ -52,10 +52,12 @@ if os.environ.get("FAKE_MLFLOW"):
     from mlflow.tracking import MlflowClient
     c = MlflowClient()
     exp = c.get_experiment_by_name(f"{tags['harness.study']}/{tags['harness.scale']}").experiment_id
-    run_id = c.create_run(exp, tags={**tags, "mlflow.parentRunId": parent, "harness.status": "running"}).info.run_id
+    run_id = c.create_run(exp, tags={**tags, "mlflow.parentRunId": parent,
+                                     "harness.status": "running"}).info.run_id
     note("run", run_id)
 if os.environ.get("FAKE_HANG") == cell and attempt == 1:
-    for _ in range(1000):  # hung, though alive; with FAKE_TOUCH it still "logs metrics" (touches its progress file)
+    # hung, though alive; with FAKE_TOUCH it still "logs metrics" (touches its progress file)
+    for _ in range(1000):
         if os.environ.get("FAKE_TOUCH"):
             open(os.environ["HARNESS_PROGRESS_FILE"], "a").close()
         time.sleep(0.3)
@@ -97,8 +99,9 @@ class Sweep:
         self.cells = [c.hash for c in make_plan(*load_spec(str(self.spec)), "proxy").cells]
 
     def start(self, *args: str, **env: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(self.spec), "--scale", "proxy", *args],
-                                env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(self.spec), "--scale", "proxy",
+                                 *args], env={**self.env, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
 
     def run(self, *args: str, **env: str) -> tuple[int, str]:
         """The driver in this process (its imports are paid once per module); workers are still processes."""
@@ -156,8 +159,8 @@ def test_two_workers_run_each_cell_exactly_once(tmp_path, uri):
     assert s.states() == {h: ("complete", 1) for h in s.cells}
     workers = {c.worker for c in s.ledger().cells()}
     assert "joiner" in workers and len(workers) == 2, workers
-    out = subprocess.run([sys.executable, "-m", "harness", "status", str(s.spec)], env=s.env, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run([sys.executable, "-m", "harness", "status", str(s.spec)], env=s.env,
+                         capture_output=True, text=True, timeout=60).stdout
     for h in s.cells:
         assert re.search(rf"{h} .*complete .* 1 .* 0\.500", out), out
     assert "8 complete" in out
@@ -179,7 +182,8 @@ def test_sigkill_worker_mid_cell_reruns_it_once(tmp_path, uri):
     trials = [t for t in s.ledger().trials() if t.user_attrs["harness.cell"] == hang]
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert "is gone" in trials[0].user_attrs["harness.reaped"]
-    # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is KILLED, every attempt nests under the sweep.
+    # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is KILLED, every attempt nests under the
+    # sweep.
     client = MlflowClient(s.uri)
     exp = client.get_experiment_by_name("kill/proxy").experiment_id
     runs = client.search_runs([exp])
@@ -194,7 +198,8 @@ def test_sigkill_worker_mid_cell_reruns_it_once(tmp_path, uri):
 
 
 def test_worker_whose_attempt_was_reaped_stops_its_job(tmp_path, uri):
-    """A worker cut off from the ledger for longer than --stale-after loses its claim and must stop its job."""
+    """A worker cut off from the ledger for longer than --stale-after loses its claim and must stop its
+    job."""
     s = Sweep(tmp_path, uri, "lost")
     hang = s.cells[0]
     driver = s.start("--workers", "1", "--stale-after", "2", FAKE_HANG=hang)
@@ -338,7 +343,8 @@ def test_job_killed_after_its_result_is_adopted_not_rerun(tmp_path, uri, victim)
     runs = _runs_by_cell(s.uri, f"adopt-{victim}/proxy")
     assert sorted(runs) == sorted(s.cells)
     for h, rs in runs.items():
-        kept = [(r.info.status, r.data.tags["harness.status"]) for r in rs if r.data.tags["harness.status"] != "killed"]
+        kept = [(r.info.status, r.data.tags["harness.status"]) for r in rs
+                if r.data.tags["harness.status"] != "killed"]
         assert kept == [("FINISHED", "complete")], h
         # Another cell's job running when its driver was killed died with it: a KILLED run, then a rerun.
         assert all(r.info.status == "KILLED" for r in rs if r.data.tags["harness.status"] == "killed"), h
@@ -354,7 +360,8 @@ def test_hung_job_is_stopped_recorded_as_timeout_and_retried(tmp_path, uri, limi
     s = Sweep(tmp_path, uri, f"hang-{limit}")
     hang = s.cells[0]
     flags = ["--stall-timeout-min", "0.1"] if limit == "stall" else ["--cell-timeout-min", "0.15"]
-    rc, out = s.run("--workers", "2", *flags, FAKE_HANG=hang, **({"FAKE_TOUCH": "1"} if limit == "cell" else {}))
+    touch = {"FAKE_TOUCH": "1"} if limit == "cell" else {}
+    rc, out = s.run("--workers", "2", *flags, FAKE_HANG=hang, **touch)
     assert rc == 0, out
     assert s.done_counts() == {h: 1 for h in s.cells}
     trials = [t for t in s.ledger().trials() if t.user_attrs["harness.cell"] == hang]
@@ -369,12 +376,15 @@ def test_hung_job_is_stopped_recorded_as_timeout_and_retried(tmp_path, uri, limi
 
 def test_limits_and_storage_are_checked_before_anything_is_written(tmp_path, uri, capsys):
     s = Sweep(tmp_path, uri, "limits")
-    assert make_plan(*load_spec(str(s.spec)), "proxy").cell_timeout_s == 6 * 3600  # the proxy scale's default
-    assert make_plan(*load_spec(str(s.spec)), "paper").stall_timeout_s == 2 * 3600
+    assert make_plan(*load_spec(str(s.spec)), "proxy").cell_timeout_s == 6 * 3600  # a cpu scale's default
+    gpu = yaml.safe_load(s.spec.read_text())
+    gpu["scales"]["paper"]["device"] = "cuda"  # a cuda scale's default
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(gpu))
+    assert make_plan(*load_spec(str(tmp_path / "gpu.yaml")), "paper").stall_timeout_s == 2 * 3600
     for args, line in ((["--stall-timeout-min", "-1"], "--stall-timeout-min -1.0: must be a positive number"),
                        (["--cell-timeout-min", "0"], "--cell-timeout-min 0.0: must be a positive number"),
-                       (["--storage", "mysql://x/y"], "--storage mysql://x/y: allowed: a journal file path or "
-                                                      "postgresql://")):
+                       (["--storage", "mysql://x/y"],
+                        "--storage mysql://x/y: allowed: a journal file path or postgresql://")):
         rc, _ = s.run("--workers", "1", *args)
         err = capsys.readouterr().err
         assert rc == 2 and line in err and len(err.strip().splitlines()) == 1, err
@@ -396,7 +406,8 @@ def test_a_second_driver_on_the_ledger_is_refused_on_any_machine(tmp_path, uri):
 
     def driver(machine: str, **env: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(s.spec), "--scale", "proxy",
-                                 "--workers", "1", "--storage", shared, "--results-dir", str(tmp_path / machine)],
+                                 "--workers", "1", "--storage", shared,
+                                 "--results-dir", str(tmp_path / machine)],
                                 env={**s.env, "HARNESS_HOST": machine, **env}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
@@ -431,7 +442,8 @@ def test_remote_worker_without_heartbeat_is_reaped_and_its_cell_requeued(tmp_pat
     trial = ledger.pop("remote", lambda t: tmp_path / "x.log")
     tid = trial._trial_id
     # Pretend the owner is another machine: only its heartbeat can show it is alive.
-    ledger.storage.set_trial_user_attr(tid, "harness.owner", {"worker": "remote", "host": "elsewhere", "pid": 1})
+    ledger.storage.set_trial_user_attr(tid, "harness.owner",
+                                       {"worker": "remote", "host": "elsewhere", "pid": 1})
     assert ledger.reap() == [] and ledger.cells()[0].state == "running"  # fresh heartbeat
     ledger.storage.set_trial_user_attr(tid, "harness.heartbeat", time.time() - 10 * ledger.stale_after)
     assert [t.number for t in ledger.reap()] == [trial.number]
@@ -448,7 +460,8 @@ def test_remote_worker_without_heartbeat_is_reaped_and_its_cell_requeued(tmp_pat
 def test_attempt_limit_counts_failures_not_interruptions(tmp_path):
     ledger = _ledger(tmp_path, 1)
     ledger.set_attr("harness.max_attempts", 2)
-    for outcome, requeued in ((("interrupted", False), True), (("failed", True), True), (("failed", True), False)):
+    for outcome, requeued in ((("interrupted", False), True), (("failed", True), True),
+                              (("failed", True), False)):
         t = ledger.pop("w", lambda t: tmp_path / "x.log")
         assert ledger.requeue("cell00", settling=t, failed=outcome[1]) is requeued
         ledger.settle(t._trial_id, TrialState.FAIL, {"state": outcome[0]})
@@ -487,7 +500,8 @@ def _dead_remote_attempt(ledger: Ledger, tmp_path: Path):
     t = ledger.pop("remote", lambda t: tmp_path / "x.log")
     ledger.storage.set_trial_user_attr(t._trial_id, "harness.owner", {"worker": "remote", "host": "elsewhere",
                                                                       "pid": 1, "started": time.time()})
-    ledger.storage.set_trial_user_attr(t._trial_id, "harness.heartbeat", time.time() - 10 * ledger.stale_after)
+    ledger.storage.set_trial_user_attr(t._trial_id, "harness.heartbeat",
+                                       time.time() - 10 * ledger.stale_after)
     return t
 
 
@@ -496,12 +510,13 @@ def test_reaper_adopts_a_dead_workers_finished_attempt_and_waits_when_it_cannot_
 
     ledger = _ledger(tmp_path, 2)
     first, second = _dead_remote_attempt(ledger, tmp_path), _dead_remote_attempt(ledger, tmp_path)
-    verdicts = {first.number: Verdict("result", {"status": "diverged", "run_id": "r1", "final": {"val/reward": 0.25}},
-                                      "file", "r1"),
+    diverged = {"status": "diverged", "run_id": "r1", "final": {"val/reward": 0.25}}
+    verdicts = {first.number: Verdict("result", diverged, "file", "r1"),
                 second.number: Verdict("unknown", why="MLflow tracking server http://x is unreachable")}
     assert [t.number for t in ledger.reap(lambda t: verdicts[t.number])] == [first.number]
     cells = {c.hash: c for c in ledger.cells()}
-    assert (cells["cell00"].state, cells["cell00"].attempt, cells["cell00"].val_reward) == ("diverged", 1, 0.25)
+    assert (cells["cell00"].state, cells["cell00"].attempt, cells["cell00"].val_reward) == (
+        "diverged", 1, 0.25)
     assert cells["cell01"].state == "running"  # unknown: left for a later reap, not failed, not re-queued
     assert len(ledger.trials()) == 2
     verdicts[second.number] = Verdict("none")
@@ -528,12 +543,14 @@ def test_adoption_reads_the_attempts_result_file_then_its_mlflow_run(tmp_path, m
     assert adopt.find(sweep_dir, "u/proxy", "c1", 1).kind == "none"  # no file, no experiment
     client = tracking.client()
     exp = tracking.ensure_experiment(client, "u/proxy")
-    run = client.create_run(exp, tags={"harness.cell": "c1", "harness.attempt": "1", "harness.status": "running"})
+    run = client.create_run(exp, tags={"harness.cell": "c1", "harness.attempt": "1",
+                                       "harness.status": "running"})
     client.log_metric(run.info.run_id, "val/reward", 0.75, step=3)
     assert adopt.find(sweep_dir, "u/proxy", "c1", 1).kind == "none"  # still training when it died
     client.set_tag(run.info.run_id, "harness.status", "complete")  # killed between its status tag and its end
     v = adopt.find(sweep_dir, "u/proxy", "c1", 1)
-    assert (v.kind, v.source, v.run_id, v.outcome()["val_reward"]) == ("result", "mlflow", run.info.run_id, 0.75)
+    assert (v.kind, v.source, v.run_id, v.outcome()["val_reward"]) == (
+        "result", "mlflow", run.info.run_id, 0.75)
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert adopt.find(sweep_dir, "u/proxy", "c1", 2).kind == "none"  # another attempt's run is not this one's
     path = adopt.result_path(sweep_dir, "c2", 1)
@@ -566,8 +583,9 @@ def test_driver_claim_on_a_journal_is_held_by_exactly_one_of_racing_processes(tm
 
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)
-    procs = [ctx.Process(target=_claim_in_process, args=(str(tmp_path / "ledger.journal"), str(tmp_path / f"c{i}"),
-                                                         barrier)) for i in range(4)]
+    procs = [ctx.Process(target=_claim_in_process,
+                         args=(str(tmp_path / "ledger.journal"), str(tmp_path / f"c{i}"), barrier))
+             for i in range(4)]
     for p in procs:
         p.start()
     for p in procs:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import ConfigError, build_config, config_hash
+from harness.config import ConfigError, JobConfig, build_config, config_hash
 from harness.sweep.spec import load_spec, make_plan, pick_scale
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,14 @@ def test_repo_spec_proxy_grid():
     assert len(plan.cells) == 2 * 2 * 2 * 3  # objective x batch_ratio [1,4] x iterations [1,4] x 3 seeds
     assert {c.config.rollout_batches for c in plan.cells} == {30}  # one budget: cells differ only in reuse
     assert all(c.config.experiment == "grpo-vs-cfpo/proxy" for c in plan.cells)
-    # The paper scale has the full 4x4 grid for both objectives and three seeds.
-    assert spec.scales.paper.base["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    # The paper scale has the full 4x4 grid for both objectives and three seeds, on GPUs.
+    assert spec.scales["paper"].device == "cuda" and plan.device == "cpu"
     from harness.tasks import TASKS
 
     if "gsm8k" in TASKS:
         paper = make_plan(spec, path, "paper")
         assert len(paper.cells) == 2 * 4 * 4 * 3 and {c.config.rollout_batches for c in paper.cells} == {200}
+        assert {c.config.model for c in paper.cells} == {"Qwen/Qwen2.5-0.5B-Instruct"}
 
 
 def test_grid_hashes_are_config_hashes(tmp_path):
@@ -72,15 +73,25 @@ def test_set_narrows_axes_and_overrides_base(tmp_path):
     assert {c.axes["seed"] for c in plan.cells} == {4, 5}
 
 
-def test_scale_auto(monkeypatch):
+@pytest.mark.parametrize("spec_file", sorted(p.name for p in (REPO / "sweeps").glob("*.yaml")))
+def test_scale_auto_is_the_first_scale_whose_device_is_here(monkeypatch, spec_file):
+    """Every repo sweep: paper on a CUDA machine, proxy without; a spec whose first scale is cpu runs it."""
     import torch
 
+    spec, path = load_spec(str(REPO / "sweeps" / spec_file))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_scale("auto")[0] == "proxy"
+    assert pick_scale(spec, path, "auto")[0] == "proxy"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert pick_scale("auto")[0] == "paper"
-    assert pick_scale("proxy")[0] == "proxy"
+    assert pick_scale(spec, path, "auto")[0] == "paper"
+    assert pick_scale(spec, path, "proxy")[0] == "proxy"
+    proxy, paper = spec.scales["proxy"], spec.scales["paper"]
+    cpu_first = spec.model_copy(update={"scales": {"proxy": proxy, "paper": paper}})
+    assert pick_scale(cpu_first, path, "auto") == ("proxy", "auto: the sweep file's first scale")
+    only_gpu = spec.model_copy(update={"scales": {"paper": paper}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="scales: every scale has device: cuda"):
+        pick_scale(only_gpu, path, "auto")
 
 
 def _bad(spec: dict, **edits) -> dict:
@@ -99,22 +110,39 @@ def _bad(spec: dict, **edits) -> dict:
 
 BAD = [
     ("unknown top-level key", _bad(TINY, colour="red"), "colour: unknown field"),
-    ("unknown scale", _bad(TINY, **{"scales/huge": {}}), "scales.huge: unknown field"),
-    ("unknown job field in base", _bad(TINY, **{"base/learning_rate": 1e-5}), "base.learning_rate: not a job field"),
-    ("unknown proxy field", _bad(TINY, **{"base/proxy": {"width": 3}}), "base.proxy.width: not a proxy field"),
+    ("unknown scale field", _bad(TINY, **{"scales/proxy/colour": "red"}),
+     "scales.proxy.colour: unknown field"),
+    ("scale named auto", _bad(TINY, **{"scales/auto": {}}), "scales: scale name 'auto': allowed:"),
+    ("scale name not a folder name", _bad(TINY, **{"scales/a b": {}}), "scales: scale name 'a b': allowed:"),
+    ("no scales", _bad(TINY, scales={}), "scales: needs at least one scale"),
+    ("unknown device", _bad(TINY, **{"scales/proxy/device": "tpu"}),
+     "scales.proxy.device: Input should be 'cpu' or 'cuda'"),
+    ("negative reference costs", _bad(TINY, **{"scales/proxy/reference_s": [-1, 1]}),
+     "scales.proxy.reference_s.0: Input should be greater than or equal to 0"),
+    ("a scale without a budget", _bad(TINY, **{"scales/huge": {}}),
+     "scales.huge.base.rollout_batches: required"),
+    ("unknown job field in base", _bad(TINY, **{"base/learning_rate": 1e-5}),
+     "base.learning_rate: not a job field"),
+    ("unknown proxy field", _bad(TINY, **{"base/proxy": {"width": 3}}),
+     "base.proxy.width: not a proxy field"),
     ("unknown axis", _bad(TINY, **{"axes/batch_rato": [1]}), "axes.batch_rato: not a job field"),
-    ("axis not a list", _bad(TINY, **{"axes/batch_ratio": 4}), "axes.batch_ratio: Input should be a valid list"),
+    ("axis not a list", _bad(TINY, **{"axes/batch_ratio": 4}),
+     "axes.batch_ratio: Input should be a valid list"),
     ("empty axis", _bad(TINY, **{"axes/batch_ratio": []}), "axes.batch_ratio: needs at least one value"),
-    ("duplicate axis value", _bad(TINY, **{"axes/batch_ratio": [1, 2, 1]}), "axes.batch_ratio: duplicate value 1"),
+    ("duplicate axis value", _bad(TINY, **{"axes/batch_ratio": [1, 2, 1]}),
+     "axes.batch_ratio: duplicate value 1"),
     ("duplicate seed", _bad(TINY, seeds=[0, 0]), "seeds: duplicate value 0"),
     ("seed as a string", _bad(TINY, seeds=["a"]), "seeds.0"),
-    ("budget as an axis", _bad(TINY, **{"axes/rollout_batches": [1, 2]}), "axes.rollout_batches: cannot be an axis"),
+    ("budget as an axis", _bad(TINY, **{"axes/rollout_batches": [1, 2]}),
+     "axes.rollout_batches: cannot be an axis"),
     ("managed field", _bad(TINY, **{"base/output_dir": "x"}), "base.output_dir: set by the sweep"),
     ("no budget", _bad(TINY, **{"scales/proxy/base": {}}), "rollout_batches: required"),
-    ("wrong type", _bad(TINY, **{"axes/batch_ratio": [1, "two"]}), "batch_ratio: Input should be a valid integer"),
+    ("wrong type", _bad(TINY, **{"axes/batch_ratio": [1, "two"]}),
+     "batch_ratio: Input should be a valid integer"),
     ("impossible combination", _bad(TINY, **{"axes/batch_ratio": [1, 3]}),
      "generation_batch_size=16 must be divisible by batch_ratio=3"),
-    ("unknown objective", _bad(TINY, **{"axes/objective": ["grpo", "ppo"]}), "objective: unknown objective 'ppo'"),
+    ("unknown objective", _bad(TINY, **{"axes/objective": ["grpo", "ppo"]}),
+     "objective: unknown objective 'ppo'"),
     ("not a GRPOConfig knob", _bad(TINY, **{"base/trl/lr": 1}), "trl.lr is not a GRPOConfig field"),
     ("joined axis, wrong width", _bad(TINY, **{"axes/batch_ratio+iterations": [[1, 1], [2]]}),
      "axes.batch_ratio+iterations: values must be lists of 2 scalars, one per joined field"),
@@ -122,13 +150,17 @@ BAD = [
      "axes.batch_ratio+iteration: not a job field"),
     ("joined axis, duplicate point", _bad(TINY, **{"axes/batch_ratio+iterations": [[1, 1], [1, 1]]}),
      "axes.batch_ratio+iterations: duplicate value"),
-    ("knob the objective does not use", _bad(TINY, **{"axes/objective": ["grpo", "pg-is"], "base/trl/epsilon": 0.2}),
+    ("knob the objective does not use",
+     _bad(TINY, **{"axes/objective": ["grpo", "pg-is"], "base/trl/epsilon": 0.2}),
      "trl.epsilon is not used by objective 'pg-is'; its knobs: none"),
-    ("hypothesis: unknown measure", _bad(TINY, **{"hypothesis/measure": "gain_val"}), "hypothesis.measure: Input"),
+    ("hypothesis: unknown measure", _bad(TINY, **{"hypothesis/measure": "gain_val"}),
+     "hypothesis.measure: Input"),
     ("hypothesis: baseline not an objective", _bad(TINY, **{"hypothesis/baseline": "ppo"}),
      "hypothesis.baseline 'ppo' is not an objective of this sweep; allowed: grpo"),
-    ("hypothesis: alpha out of range", _bad(TINY, **{"hypothesis/alpha": 0.5}), "hypothesis.alpha: Input should be less"),
-    ("hypothesis: unknown field", _bad(TINY, **{"hypothesis/primary": "auc"}), "hypothesis.primary: unknown field"),
+    ("hypothesis: alpha out of range", _bad(TINY, **{"hypothesis/alpha": 0.5}),
+     "hypothesis.alpha: Input should be less"),
+    ("hypothesis: unknown field", _bad(TINY, **{"hypothesis/primary": "auc"}),
+     "hypothesis.primary: unknown field"),
 ]
 
 
@@ -151,7 +183,8 @@ def test_other_scale_is_validated_too(tmp_path, monkeypatch, capsys):
     broken = _bad(TINY, **{"scales/paper/axes": {"batch_ratio": [1, 3]}})
     assert main(["sweep", str(write_spec(tmp_path, broken)), "--scale", "proxy"]) == 2
     assert "scales.paper: cell" in capsys.readouterr().err and not results.exists()
-    spec, path = load_spec(str(write_spec(tmp_path, _bad(TINY, **{"scales/paper/base/task": "no-such-task"}))))
+    unregistered = _bad(TINY, **{"scales/paper/base/task": "no-such-task"})
+    spec, path = load_spec(str(write_spec(tmp_path, unregistered)))
     from harness.sweep.spec import check_other_scales
 
     (warning,) = check_other_scales(spec, path, "proxy")
@@ -221,14 +254,14 @@ def test_repo_proxy_scale_uses_the_calibrated_proxy_config():
 @pytest.mark.parametrize("spec_file", sorted(p.name for p in (REPO / "sweeps").glob("*.yaml")))
 def test_every_repo_spec_is_valid_at_every_scale_it_defines(spec_file):
     spec, path = load_spec(str(REPO / "sweeps" / spec_file))
-    assert {"proxy", "paper"} <= set(spec.scales.defined())
-    for scale in spec.scales.defined():
+    assert {"proxy", "paper"} <= set(spec.scales)
+    for scale in spec.scales:
         assert make_plan(spec, path, scale).cells
 
 
 def test_full_grid_scale_is_the_papers_grid_at_the_proxy_budget(tmp_path, monkeypatch, capsys):
-    """grpo-vs-cfpo's optional proxy-full scale: {grpo, cfpo} x batch ratio {1,2,4,8} x iterations {1,2,4,8} x 3
-    seeds on the proxy's model, task and budget; a sweep without that scale refuses it (exit 2)."""
+    """grpo-vs-cfpo's optional proxy-full scale: {grpo, cfpo} x batch ratio {1,2,4,8} x iterations {1,2,4,8}
+    x 3 seeds on the proxy's model, task and budget; a sweep without that scale refuses it (exit 2)."""
     spec, path = load_spec("grpo-vs-cfpo")
     full, quick = make_plan(spec, path, "proxy-full"), make_plan(spec, path, "proxy")
     assert len(full.cells) == 96 and full.experiment == "grpo-vs-cfpo/proxy-full"
@@ -236,7 +269,8 @@ def test_full_grid_scale_is_the_papers_grid_at_the_proxy_budget(tmp_path, monkey
         (b, i) for b in (1, 2, 4, 8) for i in (1, 2, 4, 8)}
     q = quick.cells[0].config
     for c in full.cells:
-        assert (c.config.proxy, c.config.task, c.config.rollout_batches) == (q.proxy, q.task, q.rollout_batches)
+        assert (c.config.proxy, c.config.task, c.config.rollout_batches) == (
+            q.proxy, q.task, q.rollout_batches)
         assert c.config.eval_every == q.eval_every and c.config.val_prompts == q.val_prompts
     monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
     assert main(["sweep", "cfpo-grad-clip", "--scale", "proxy-full", "--dry-run"]) == 2
@@ -245,8 +279,8 @@ def test_full_grid_scale_is_the_papers_grid_at_the_proxy_budget(tmp_path, monkey
 
 
 def test_joined_axis_is_a_ladder_not_a_product(tmp_path):
-    """`batch_ratio+iterations: [[1, 1], [2, 2]]`: the two fields move together (2 points, not 4); --set narrows
-    the ladder to one rung and keeps the cells' identities."""
+    """`batch_ratio+iterations: [[1, 1], [2, 2]]`: the two fields move together (2 points, not 4); --set
+    narrows the ladder to one rung and keeps the cells' identities."""
     spec = {**TINY, "axes": {"objective": ["grpo", "cfpo"], "batch_ratio+iterations": [[1, 1], [2, 2]]}}
     spec["scales"] = {**TINY["scales"], "proxy": {"base": {"rollout_batches": 2}, "seeds": [0]}}
     path = write_spec(tmp_path, spec)
@@ -293,3 +327,135 @@ def test_makespan_and_utilisation():
     spans = [(at(0), at(10)), (at(0), at(4)), (at(6), None), (at(-50), at(-40)), (None, None)]
     assert utilisation(spans, t0, at(10), 2) == pytest.approx(18 / 20)
     assert utilisation(spans, t0, at(10), 0) is None
+
+
+# ------------------------------------------------------------------------------ scales as data, extends
+def test_a_scale_defined_only_in_yaml_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """A new scale is one block of YAML: its device, limits and reference costs reach the plan, the dry run
+    and `--scale auto`; its name is any folder name."""
+    import torch
+
+    spec = {**TINY, "scales": {**TINY["scales"], "gpu-lite": {
+        "description": "a short GPU check", "device": "cuda", "base": {"rollout_batches": 3},
+        "seeds": [7], "cell_timeout_min": 10, "reference_s": [1.0, 0.1]}}}
+    path = write_spec(tmp_path, spec)
+    loaded, _ = load_spec(str(path))
+    plan = make_plan(loaded, path, "gpu-lite")
+    assert plan.experiment == "tiny/gpu-lite" and plan.device == "cuda" and len(plan.cells) == 2 * 2
+    assert {c.config.rollout_batches for c in plan.cells} == {3}
+    assert {c.axes["seed"] for c in plan.cells} == {7}
+    assert plan.cell_timeout_s == 600 and plan.stall_timeout_s == 120 * 60  # left out: the cuda default
+    assert plan.reference_s == (1.0, 0.1)
+    assert plan.ledger_scale() == {"name": "gpu-lite", "device": "cuda", "reference_s": [1.0, 0.1]}
+    # Left out entirely: the cpu defaults (what the repo's proxy scales run with).
+    proxy = make_plan(loaded, path, "proxy")
+    assert (proxy.device, proxy.cell_timeout_s, proxy.stall_timeout_s, proxy.reference_s) == (
+        "cpu", 6 * 3600, 30 * 60, (3.0, 0.505))
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["sweep", str(path), "--scale", "gpu-lite", "--workers", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "scale: gpu-lite (asked for)" in out and all(c.hash in out for c in plan.cells)
+    assert "wall with 2 worker(s)" in out and not (tmp_path / "results").exists()
+    # First in the file among those whose device is here: TINY's paper and proxy are cpu scales.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu_first = {**spec, "scales": {"gpu-lite": spec["scales"]["gpu-lite"], **TINY["scales"]}}
+    first = write_spec(tmp_path, gpu_first, "gpu-first.yaml")
+    assert pick_scale(*load_spec(str(first)), "auto")[0] == "paper"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_scale(*load_spec(str(first)), "auto")[0] == "gpu-lite"
+
+
+@pytest.mark.parametrize("argv", [["sweep", "--dry-run"], ["sweep"], ["status"], ["worker"]])
+def test_unknown_scale_exits_2_with_one_line_naming_the_allowed_ones(tmp_path, monkeypatch, capsys, argv):
+    results = tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results))
+    path = write_spec(tmp_path, TINY)
+    assert main([argv[0], str(path), "--scale", "huge", *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{path}: scales.huge: not defined in this sweep; allowed: paper, proxy" in err
+    assert not results.exists()
+
+
+def test_unknown_scale_in_the_dashboard_exits_2(tmp_path, monkeypatch, capsys):
+    from harness.ui import main as ui_main
+
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
+    path = write_spec(tmp_path, TINY)
+    assert ui_main(["dashboard", str(path), "--scale", "huge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "scales.huge: not defined in this sweep; allowed: paper, proxy" in err
+
+
+@pytest.mark.parametrize("where", ["scales/proxy/extends", "extends"])
+def test_extends_a_missing_file_exits_2(tmp_path, monkeypatch, capsys, where):
+    results = tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results))
+    path = write_spec(tmp_path, _bad(TINY, **{where: "../configs/nope.yaml"}))
+    assert main(["sweep", str(path), "--scale", "proxy", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    field = where.replace("/", ".")
+    assert len(err.splitlines()) == 1, err
+    assert f"{path}: {field}: ../configs/nope.yaml: no such file; allowed: a job config path relative" in err
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("config,message", [
+    ("learning_rate: 1.0e-5\n", "learning_rate: not a job field"),
+    ("trl.learning_rate: 1.0e-5\n", "trl.learning_rate: not a job field; allowed: nested sections"),
+    ("- 1\n", "top level must be a mapping"),
+    ("objective: [unclosed\n", "not valid YAML"),
+])
+def test_extends_a_bad_job_config_exits_2(tmp_path, monkeypatch, capsys, config, message):
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
+    (tmp_path / "job.yaml").write_text(config)
+    path = write_spec(tmp_path, _bad(TINY, **{"scales/proxy/extends": "job.yaml"}))
+    assert main(["sweep", str(path), "--scale", "proxy", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: scales.proxy.extends: job.yaml: {message}" in err, err
+
+
+def test_extends_is_the_starting_point_and_the_sweep_merges_over_it(tmp_path):
+    """The job config's settings, then the sweep's base, then the scale's; its seed, output_dir and axis
+    fields do not count. Cells equal those of a spec that writes the same settings out."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "job.yaml").write_text(yaml.safe_dump({
+        "objective": "cfpo", "seed": 5, "batch_ratio": 2, "output_dir": "x", "rollout_batches": 9,
+        "eval_every": 3, "val_prompts": 4, "proxy": {"hidden_size": 64},
+        "trl": {"learning_rate": 1e-4, "num_generations": 8, "beta": 0.1}}))
+    (tmp_path / "sweeps").mkdir()
+    extended = {**TINY, "scales": {**TINY["scales"], "proxy": {
+        "extends": "../configs/job.yaml", "base": {"rollout_batches": 2, "trl.beta": 0.0}}}}
+    written_out = {**TINY, "scales": {**TINY["scales"], "proxy": {"base": {
+        "rollout_batches": 2, "eval_every": 3, "proxy": {"hidden_size": 64},
+        "trl": {"learning_rate": 1e-4, "beta": 0.0}}}}}
+    a = make_plan(*load_spec(str(write_spec(tmp_path / "sweeps", extended))), "proxy")
+    b = make_plan(*load_spec(str(write_spec(tmp_path, written_out, "plain.yaml"))), "proxy")
+    assert [c.hash for c in a.cells] == [c.hash for c in b.cells] and len(a.cells) == 2 * 2 * 2
+    cfg = a.cells[0].config
+    assert cfg.trl["num_generations"] == 4  # the sweep's base over the job config
+    assert (cfg.eval_every, cfg.proxy.hidden_size, cfg.trl["beta"], cfg.val_prompts) == (3, 64, 0.0, 8)
+    assert {c.config.objective for c in a.cells} == {"grpo", "cfpo"}
+    assert {c.config.seed for c in a.cells} == {0, 1}
+    assert {"objective", "batch_ratio", "seed", "output_dir"}.isdisjoint(a.base)  # axes and sweep-managed
+    assert a.cells[0].config.output_dir == JobConfig().output_dir
+
+
+def test_repo_sweeps_extend_the_shared_job_configs():
+    """Each proxy setting lives in configs/proxy.yaml and each shared paper setting in configs/paper.yaml:
+    no sweep file repeats the proxy model, and every paper and proxy scale extends one of the two."""
+    from harness.config import load_config
+
+    for f in sorted((REPO / "sweeps").glob("*.yaml")):
+        raw = yaml.safe_load(f.read_text())
+        assert raw["scales"]["paper"]["extends"] == "../configs/paper.yaml", f.name
+        for name, scale in raw["scales"].items():
+            base = scale.get("base", {})
+            assert "proxy" not in base and "model" not in base, (f.name, name)
+            if name.startswith("proxy"):
+                assert scale["extends"] == "../configs/proxy.yaml", (f.name, name)
+    paper = load_config(REPO / "configs" / "paper.yaml")
+    assert paper.model == "Qwen/Qwen2.5-0.5B-Instruct" and paper.rollout_batches == 200

@@ -13,33 +13,40 @@ from harness.config import ConfigError
 
 
 def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
-    sweep = sub.add_parser("sweep", help="run (or resume) a sweep: enqueue its cells and run them with workers")
+    sweep = sub.add_parser("sweep", help="run (or resume) a sweep: enqueue its cells and run them with "
+                                         "workers")
     _common(sweep)
     sweep.add_argument("--workers", type=int, default=None,
                        help="worker processes here (one job each at a time; 0: only enqueue and watch); "
-                            "default: GPUs / the scale's gpus_per_job on a CUDA machine, else one per CPU core")
+                            "default: GPUs / the scale's gpus_per_job on a CUDA machine, else one per CPU "
+                            "core")
     sweep.add_argument("--max-attempts", type=int, default=2, help="attempts per cell before it stays failed")
-    sweep.add_argument("--retry-failed", action="store_true", help="give failed cells a fresh allowance of attempts")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="give failed cells a fresh allowance of attempts")
     sweep.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                       help="local processes, or submitit jobs (SLURM; submitit's local executor without SLURM)")
+                       help="local processes, or submitit jobs (SLURM; submitit's local executor without "
+                            "SLURM)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a base job field (dotted keys), or narrow an axis / the seeds: "
                             "--set rollout_batches=2 --set batch_ratio=[1,2]")
     sweep.add_argument("--stale-after", type=float, default=120.0,
-                       help="seconds without a heartbeat after which a worker on another machine counts as dead")
+                       help="seconds without a heartbeat after which a worker on another machine counts as "
+                            "dead")
     sweep.add_argument("--cell-timeout-min", type=float, default=None,
-                       help="wall-clock limit of one job, in minutes; past it the job is stopped and its attempt "
-                            "recorded as timeout (retried within --max-attempts); default: the scale's "
-                            "cell_timeout_min (6 h proxy, 72 h paper)")
+                       help="wall-clock limit of one job, in minutes; past it the job is stopped and its "
+                            "attempt recorded as timeout (retried within --max-attempts); default: the "
+                            "scale's cell_timeout_min (6 h on cpu, 72 h on cuda unless the sweep file says)")
     sweep.add_argument("--stall-timeout-min", type=float, default=None,
-                       help="minutes a job may go without storing a metric before it counts as hung; default: "
-                            "the scale's stall_timeout_min (30 min proxy, 2 h paper)")
-    sweep.add_argument("--timeout-min", type=int, default=24 * 60, help="--launcher slurm: time limit per worker job")
+                       help="minutes a job may go without storing a metric before it counts as hung; "
+                            "default: the scale's stall_timeout_min (30 min on cpu, 2 h on cuda unless the "
+                            "sweep file says)")
+    sweep.add_argument("--timeout-min", type=int, default=24 * 60,
+                       help="--launcher slurm: time limit per worker job")
     sweep.add_argument("--partition", default=None, help="--launcher slurm: SLURM partition")
     _job_start(sweep)
     sweep.add_argument("--dry-run", action="store_true",
-                       help="validate the spec, print the cells (axes, TRL batch knobs, objective knobs) and the "
-                            "estimated time per cell and in all for --workers; write nothing")
+                       help="validate the spec, print the cells (axes, TRL batch knobs, objective knobs) and "
+                            "the estimated time per cell and in all for --workers; write nothing")
     sweep.set_defaults(func=_sweep)
 
     worker = sub.add_parser("worker", help="join a running sweep (same --storage and MLFLOW_TRACKING_URI)")
@@ -50,8 +57,8 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                         help="worker processes on this machine, each on its own gpus_per_job GPUs (default: "
                              "GPUs / gpus_per_job on a CUDA machine, else 1)")
     worker.add_argument("--gpus", default=None, metavar="LIST",
-                        help="run one worker on exactly these CUDA devices (e.g. 0,1), or 'none' for CPU jobs; "
-                             "default: find this machine's GPUs and pack them")
+                        help="run one worker on exactly these CUDA devices (e.g. 0,1), or 'none' for CPU "
+                             "jobs; default: find this machine's GPUs and pack them")
     _job_start(worker)
     worker.set_defaults(func=_worker)
 
@@ -62,21 +69,24 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="sweeps/NAME.yaml, or a path to a sweep spec")
-    p.add_argument("--scale", choices=("auto", "paper", "proxy", "proxy-full"), default="auto",
-                   help="auto: paper when CUDA is available, else proxy")
+    # Any scale the sweep file defines: checked once the spec is loaded (harness.sweep.spec.pick_scale).
+    p.add_argument("--scale", default="auto",
+                   help="a scale of the sweep file (scales: NAME), or auto: the first of them whose device "
+                        "is here (device: cuda needs a GPU)")
     p.add_argument("--storage", default=None,
                    help="ledger: a journal file path or postgresql://... "
                         "(default: results/<study>/<scale>/ledger.journal)")
-    p.add_argument("--results-dir", default=None, help="results root (default $HARNESS_RESULTS, else ./results)")
+    p.add_argument("--results-dir", default=None,
+                   help="results root (default $HARNESS_RESULTS, else ./results)")
 
 
 def _job_start(p: argparse.ArgumentParser) -> None:
     from harness.sweep.forkserver import JOB_STARTS
 
     p.add_argument("--job-start", choices=JOB_STARTS, default="fork",
-                   help="fork: single-process CPU jobs are forked from a process that imported the training stack "
-                        "once (seconds saved per cell, same numbers); exec: every job is a fresh `python -m "
-                        "harness train` (multi-GPU, vLLM and GPU-machine jobs always are)")
+                   help="fork: single-process CPU jobs are forked from a process that imported the training "
+                        "stack once (seconds saved per cell, same numbers); exec: every job is a fresh "
+                        "`python -m harness train` (multi-GPU, vLLM and GPU-machine jobs always are)")
 
 
 def _results(args: argparse.Namespace) -> Path:
@@ -107,7 +117,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     _check_options(args, writes=not args.dry_run)
     spec, path = load_spec(args.name)
-    scale, why = pick_scale(args.scale)
+    scale, why = pick_scale(spec, path, args.scale)
     print(f"scale: {scale} ({why})", flush=True)
     plan = make_plan(spec, path, scale, args.set)
     for warning in check_other_scales(spec, path, scale):
@@ -140,15 +150,17 @@ def _sweep(args: argparse.Namespace) -> int:
 def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
     """(study, scale, results, storage) of a sweep that must already exist."""
     from harness.sweep.ledger import check_storage
-    from harness.sweep.spec import SCALES, load_spec, pick_scale
+    from harness.sweep.spec import load_spec, pick_scale, scale_spec
 
     _check_options(args, writes=args.func is not _status)
     spec, path = load_spec(args.name)
     results = _results(args)
     scale = args.scale
     if scale == "auto":  # the scale whose ledger is here, if only one is
-        here = [s for s in SCALES if (results / spec.study / s / "ledger.journal").is_file()]
-        scale = here[0] if len(here) == 1 and args.storage is None else pick_scale("auto")[0]
+        here = [s for s in spec.scales if (results / spec.study / s / "ledger.journal").is_file()]
+        scale = here[0] if len(here) == 1 and args.storage is None else pick_scale(spec, path, "auto")[0]
+    else:
+        scale_spec(spec, path, scale)  # one the spec defines
     ledger = results / spec.study / scale / "ledger.journal"
     storage = check_storage(args.storage, ledger)
     if args.storage is None and not ledger.is_file():
@@ -167,7 +179,8 @@ def _worker(args: argparse.Namespace) -> int:
     from harness.sweep.worker import WorkerOptions, run_worker, run_worker_group
 
     study, scale, results, storage = _existing(args)
-    per_job = Ledger(open_storage(storage), f"{study}/{scale}", create=False).gpus_per_job  # the driver's setting
+    # the driver's setting
+    per_job = Ledger(open_storage(storage), f"{study}/{scale}", create=False).gpus_per_job
     name = args.worker_name or f"{HOST}-{os.getpid()}"
     opts = WorkerOptions(storage=storage, study=study, scale=scale, results=str(results), name=name,
                          job_start=args.job_start)

@@ -1,8 +1,9 @@
-"""What a sweep will cost before it runs (`sweep --dry-run`), and how busy its workers were after (utilisation).
+"""What a sweep will cost before it runs (`sweep --dry-run`), and how busy its workers were after
+(utilisation).
 
-Cost model: harness.sweep.cost (start-up + s per unit of spec.Cell.cost, reference-machine values per scale).
-The total is the makespan of the order workers really take cells in (the plan's and the queue's: heaviest first),
-each worker taking the next queued cell the moment it is free.
+Cost model: harness.sweep.cost (start-up + s per unit of spec.Cell.cost; the scale's reference_s).
+The total is the makespan of the order workers really take cells in (the plan's and the queue's: heaviest
+first), each worker taking the next queued cell the moment it is free.
 """
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from datetime import datetime
 from typing import Any
 
 from harness.objectives.registry import OBJECTIVE_KNOBS
-from harness.sweep.cost import SECONDS, predict
+from harness.sweep.cost import predict
 from harness.sweep.display import fmt_s
 from harness.sweep.spec import Cell, Plan
 from harness.trl_args import shape_of
 
 
 def makespan(durations: Iterable[float], workers: int) -> float:
-    """Wall time for `workers` to run jobs of these durations, taken in this order by whichever is free first."""
+    """Wall time for `workers` to run jobs of these durations, taken in this order by whichever is free
+    first."""
     free = [0.0] * max(workers, 1)
     for d in durations:
         heapq.heappush(free, heapq.heappop(free) + d)
@@ -30,9 +32,12 @@ def cell_row(cell: Cell, seconds: tuple[float, float] | None) -> dict[str, Any]:
     cfg = cell.config
     shape = shape_of(cfg)
     knobs = {k: v for k, v in cfg.trl.items() if k in OBJECTIVE_KNOBS}
-    return {"cell": cell.hash, "axes": cell.label(), "objective knobs": " ".join(f"{k}={v}" for k, v in knobs.items()),
-            "micro-batch": shape.per_device_train_batch_size, "steps_per_generation": shape.steps_per_generation,
-            "gradient_accumulation_steps": shape.gradient_accumulation_steps, "num_iterations": shape.num_iterations,
+    return {"cell": cell.hash, "axes": cell.label(),
+            "objective knobs": " ".join(f"{k}={v}" for k, v in knobs.items()),
+            "micro-batch": shape.per_device_train_batch_size,
+            "steps_per_generation": shape.steps_per_generation,
+            "gradient_accumulation_steps": shape.gradient_accumulation_steps,
+            "num_iterations": shape.num_iterations,
             "optimizer steps": cfg.rollout_batches * shape.optimizer_steps_per_rollout_batch,
             "est_s": predict(cell.cost, seconds) if seconds else None}
 
@@ -41,7 +46,7 @@ def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
     """The cells a sweep would run, how each maps onto TRL, and what it would cost; writes nothing."""
     from rich.table import Table
 
-    rate = SECONDS.get(plan.scale)
+    rate = plan.reference_s
     rows = [cell_row(c, rate) for c in plan.cells]
     table = Table(title=f"{plan.experiment}: {len(rows)} cells, in the order workers take them")
     for key in rows[0] if rows else ():
@@ -54,15 +59,17 @@ def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
                   f"{sum(c.cost for c in plan.cells):.0f} cost units in all", soft_wrap=True)
     else:
         total = sum(r["est_s"] for r in rows)
-        out.print(f"estimated time: {fmt_s(total)} of jobs; {fmt_s(makespan([r['est_s'] for r in rows], workers))} "
-                  f"wall with {workers} worker(s) (one job per core on the 2-core reference machine; start-up of "
-                  "the proxy model's warm start not included)", soft_wrap=True)
+        wall = makespan([r["est_s"] for r in rows], workers)
+        out.print(f"estimated time: {fmt_s(total)} of jobs; {fmt_s(wall)} wall with {workers} worker(s) "
+                  "(one job per core on the 2-core reference machine; start-up of the proxy model's warm "
+                  "start not included)", soft_wrap=True)
     out.print("dry run: nothing written (no ledger, no MLflow run, no folder)")
 
 
-def utilisation(intervals: Iterable[tuple[datetime | None, datetime | None]], since: datetime, until: datetime,
-                workers: int) -> float | None:
-    """Busy worker-seconds / (workers x wall time) over [since, until], from the attempts' start and end times."""
+def utilisation(intervals: Iterable[tuple[datetime | None, datetime | None]], since: datetime,
+                until: datetime, workers: int) -> float | None:
+    """Busy worker-seconds / (workers x wall time) over [since, until], from the attempts' start and end
+    times."""
     wall = (until - since).total_seconds()
     if workers < 1 or wall <= 0:
         return None

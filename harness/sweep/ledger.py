@@ -1,16 +1,18 @@
 """The sweep's ledger and queue: one Optuna study, one trial per attempt at a cell.
 
 Why Optuna storage: a JournalStorage file (one machine or a shared file system) or PostgreSQL (several
-machines) gives race-free hand-out of queued trials and a record optuna-dashboard can read. NOTES §5 measured
-what is safe: plain SQLite hands one trial to several workers (refused here); `enqueue_trial` is unsafe from
+machines) gives race-free hand-out of queued trials and a record optuna-dashboard can read. What is safe was
+measured: plain SQLite hands one trial to several workers (refused here); `enqueue_trial` is unsafe from
 concurrent producers when it relies on `skip_if_exists` (not used: a cell is enqueued only by the process that
-just settled its previous attempt, or by the driver before any worker starts); `ask()` invents a new trial when
-the queue is empty (not used: `pop` claims WAITING trials itself, as Optuna's own `_pop_waiting_trial_id` does).
+just settled its previous attempt, or by the driver before any worker starts); `ask()` invents a new trial
+when the queue is empty (not used: `pop` claims WAITING trials itself, as Optuna's own
+`_pop_waiting_trial_id` does).
 
 Trial state is the truth about an attempt: WAITING = queued, RUNNING = running, COMPLETE = finished as
-`complete` or `diverged` (user attr `harness.outcome`), FAIL = failed, died, timeout, interrupted or duplicate.
-Finishing a trial is a compare-and-set in both backends (a second finisher gets `UpdateFinishedTrialError`), so
-when a worker and a reaper race over a trial exactly one of them settles it and decides whether to re-queue.
+`complete` or `diverged` (user attr `harness.outcome`), FAIL = failed, died, timeout, interrupted or
+duplicate. Finishing a trial is a compare-and-set in both backends (a second finisher gets
+`UpdateFinishedTrialError`), so when a worker and a reaper race over a trial exactly one of them settles it
+and decides whether to re-queue.
 Before an attempt is failed, its own result is looked for (harness.sweep.adopt): a job that reached its result
 is adopted as COMPLETE however its worker died, so a finished cell is never run twice.
 """
@@ -33,6 +35,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from harness import contract
 from harness.config import ConfigError
 from harness.sweep import cost
 from harness.sweep.adopt import Verdict
@@ -43,15 +46,16 @@ AXES = "harness.axes"            # axis values of the cell (seed included)
 CONFIG = "harness.config"        # the job config, minus output_dir and experiment
 ATTEMPT = "harness.attempt"      # 1-based attempt number of this trial at its cell
 COST = "harness.cost"            # relative run time (spec.Cell.cost), for the queue's order and the ETA
-OWNER = "harness.owner"          # {worker, host, pid, pid_start, log, started} written when a worker claims it
+OWNER = "harness.owner"          # {worker, host, pid, pid_start, log, started}, by the claiming worker
 JOB = "harness.job"              # {pid, pid_start} of the job process (its own process group), once started
 HEARTBEAT = "harness.heartbeat"  # epoch seconds, refreshed by the running worker
-OUTCOME = "harness.outcome"      # {state, exit_code, duration_s, run_id, val_reward, error, retry} from the worker
+# {state, exit_code, duration_s, run_id, val_reward, error, retry}, from the worker
+OUTCOME = "harness.outcome"
 REAPED = "harness.reaped"        # why a reaper declared the attempt dead
 
 # Study attrs, set by the driver, read by every worker.
 MAX_ATTEMPTS = "harness.max_attempts"
-RETRY_FROM = "harness.retry_from"      # failures of trials numbered below this no longer count (--retry-failed)
+RETRY_FROM = "harness.retry_from"      # failures of trials numbered below this do not count (--retry-failed)
 STALE_AFTER = "harness.stale_after"
 PARENT_RUN = "harness.parent_run_id"
 DRIVER = "harness.driver"              # {host, pid, pid_start, run_id, heartbeat} of the live driver
@@ -59,22 +63,26 @@ GPUS_PER_JOB = "harness.gpus_per_job"  # the scale's gpus_per_job: how every wor
 DEEPSPEED = "harness.deepspeed"        # the scale's deepspeed setting (none, zero2)
 CELL_TIMEOUT = "harness.cell_timeout_s"    # wall-clock limit of one attempt (harness.sweep.watchdog)
 STALL_TIMEOUT = "harness.stall_timeout_s"  # longest time a job may go without storing a metric
+# {name, device, reference_s} of the sweep's scale (spec.Plan.ledger_scale), written by the driver
+SCALE = "harness.scale"
+# A ledger without SCALE is read by the scale its study name ends in, with these reference costs (None: none).
+UNRECORDED_REFERENCE_S = {"proxy": cost.PROXY_REFERENCE_S, "proxy-full": cost.PROXY_REFERENCE_S}
 
 # Attempts owned by this host are judged by their PID, others by heartbeat: machines must have distinct names.
 # HARNESS_HOST overrides the host name where they do not (containers started from one image, say).
 HOST = os.environ.get("HARNESS_HOST") or socket.gethostname()
 # interrupted (Ctrl-C, scheduler preemption, tracking outage) and duplicate do not count
 COUNTED_FAILURES = ("failed", "died", "timeout")
-FINISHED_OK = ("complete", "diverged")
 
 
 def check_storage(url: str | None, default_path: Path) -> str:
-    """The storage a sweep uses, checked before anything is written: a PostgreSQL URL or a journal file path."""
+    """The storage a sweep uses, checked before anything is written: a PostgreSQL URL or a journal file
+    path."""
     if url is None:
         return str(default_path)
     if url.startswith("sqlite"):
-        raise ConfigError(f"--storage {url}: SQLite storage hands one cell to several workers (NOTES §5); use "
-                          "a journal file path (shared file system) or postgresql://...")
+        raise ConfigError(f"--storage {url}: SQLite storage hands one cell to several workers; use a journal "
+                          "file path (shared file system) or postgresql://...")
     if "://" in url and not url.split("://", 1)[0].startswith("postgresql"):
         # The one-driver claim is a PostgreSQL advisory lock (harness.sweep.claim); other databases have none.
         raise ConfigError(f"--storage {url}: allowed: a journal file path or postgresql://...")
@@ -91,8 +99,9 @@ def open_storage(url: str) -> BaseStorage:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """SQLAlchemy 2.1 reads a plain postgresql:// URL as psycopg 3; the `postgres` extra installs psycopg2-binary,
-    so a plain URL gets the psycopg2 driver where psycopg2 is installed (an explicit +driver is kept)."""
+    """SQLAlchemy 2.1 reads a plain postgresql:// URL as psycopg 3; the `postgres` extra installs
+    psycopg2-binary, so a plain URL gets the psycopg2 driver where psycopg2 is installed (an explicit +driver
+    is kept)."""
     scheme, sep, rest = url.partition("://")
     if scheme == "postgresql" and importlib.util.find_spec("psycopg2") is not None:
         return f"postgresql+psycopg2{sep}{rest}"
@@ -122,17 +131,22 @@ class CellStatus:
 class Ledger:
     """One sweep's Optuna study, with the operations the driver and the workers need."""
 
-    def __init__(self, storage: BaseStorage, study_name: str, create: bool):
+    def __init__(self, storage: BaseStorage, study_name: str, create: bool,
+                 scale: dict[str, Any] | None = None):
+        """create: make the study if it is new (the driver); scale: record it as SCALE (the driver's plan)."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage = storage
         self.name = study_name
         if create:
-            optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True)
+            optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
+                                load_if_exists=True)
         try:
             self.study_id = storage.get_study_id_from_name(study_name)
         except KeyError:
-            raise ConfigError(f"no sweep {study_name!r} in this ledger; start it with `python -m harness sweep`"
-                              ) from None
+            raise ConfigError(f"no sweep {study_name!r} in this ledger; start it with `python -m harness "
+                              "sweep`") from None
+        if create and scale is not None:
+            self.set_attr(SCALE, scale)
 
     # ------------------------------------------------------------------------------------ study attrs
     def attr(self, key: str, default: Any = None) -> Any:
@@ -165,6 +179,25 @@ class Ledger:
     def deepspeed(self) -> str:
         return str(self.attr(DEEPSPEED, "none"))
 
+    def _scale(self) -> dict[str, Any]:
+        recorded = self.attr(SCALE)
+        if recorded:
+            return recorded
+        name = self.name.rsplit("/", 1)[-1]
+        reference = UNRECORDED_REFERENCE_S.get(name)
+        return {"name": name, "device": None, "reference_s": list(reference) if reference else None}
+
+    @property
+    def scale(self) -> str:
+        """The sweep's scale name, as recorded (SCALE), else the last part of the study name."""
+        return str(self._scale()["name"])
+
+    @property
+    def reference_s(self) -> tuple[float, float] | None:
+        """The scale's (start-up s, s per cost unit) on the reference machine (harness.sweep.cost)."""
+        reference = self._scale().get("reference_s")
+        return (float(reference[0]), float(reference[1])) if reference else None
+
     # ---------------------------------------------------------------------------------------- trials
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
@@ -176,7 +209,8 @@ class Ledger:
             out[t.user_attrs[CELL]].append(t)
         return out
 
-    def enqueue(self, cell: str, axes: dict[str, Any], config: dict[str, Any], cost: float, attempt: int) -> None:
+    def enqueue(self, cell: str, axes: dict[str, Any], config: dict[str, Any], cost: float,
+                attempt: int) -> None:
         # params are informational (optuna-dashboard shows them); the cell's identity is its hash.
         optuna.load_study(study_name=self.name, storage=self.storage).enqueue_trial(
             {k: v for k, v in axes.items()},
@@ -205,9 +239,9 @@ class Ledger:
                      "log": str(log_for(claimed)), "started": time.time()}
             self.storage.set_trial_user_attr(tid, OWNER, owner)
             self.storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
-            # Two reapers settling one dead attempt at once can queue two successors. Of the claimed or queued
-            # attempts of a cell only the lowest-numbered one runs (each claimant checks after its own claim, so
-            # of two racing claimants the higher sees the lower); none runs once the cell is done.
+            # Two reapers settling one dead attempt at once can queue two successors. Of the claimed or
+            # queued attempts of a cell only the lowest-numbered one runs (each claimant checks after its own
+            # claim, so of two racing claimants the higher sees the lower); none runs once the cell is done.
             cell = claimed.user_attrs[CELL]
             if any(t.state == TrialState.COMPLETE or (t.number < claimed.number and _contender(t))
                    for t in self.by_cell()[cell] if t.number != claimed.number):
@@ -218,11 +252,13 @@ class Ledger:
     def _heaviest_first(self) -> list[FrozenTrial]:
         trials = self.trials()
         history = [cost.Attempt(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)),
-                                (t.user_attrs.get(OUTCOME) or {}).get("duration_s"), t.state == TrialState.COMPLETE)
+                                (t.user_attrs.get(OUTCOME) or {}).get("duration_s"),
+                                t.state == TrialState.COMPLETE)
                    for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-        model = cost.model_for(history, scale=self.name.rsplit("/", 1)[-1])  # fitted once per pop
-        return sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: (-cost.expected_seconds(
-            t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)), history, model), t.number))
+        model = cost.model_for(history, self.reference_s)  # fitted once per pop
+        return sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: (
+            -cost.expected_seconds(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)), history, model),
+            t.number))
 
     def heartbeat(self, trial_id: int) -> None:
         """Raises UpdateFinishedTrialError when the attempt was settled by someone else (declared dead)."""
@@ -270,20 +306,21 @@ class Ledger:
                 continue
             owner = t.user_attrs.get(OWNER) or {}
             if self._job_lingers(t):
-                continue  # its job outlived the worker: it was just killed; judged at the next reap, once gone
+                continue  # its job outlived the worker, just killed: judged at the next reap, once gone
             verdict = find(t) if find is not None else Verdict("none")
             if verdict.kind == "unknown":
-                log.warning("cell %s attempt %s: worker gone, outcome unknown for now (%s)", t.user_attrs[CELL],
-                            t.user_attrs.get(ATTEMPT), verdict.why)
+                log.warning("cell %s attempt %s: worker gone, outcome unknown for now (%s)",
+                            t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), verdict.why)
                 continue
-            gone = f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} (pid {owner.get('pid', '?')}) is gone"
+            gone = (f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} "
+                    f"(pid {owner.get('pid', '?')}) is gone")
             if verdict.kind == "result":
                 outcome = verdict.outcome(duration_s=round(now - owner.get("started", now), 1),
                                           note=f"adopted: {gone} after its job finished")
                 if self.settle(t._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"]):
                     verdict.publish()
-                    log.warning("cell %s attempt %s: %s; its job had finished (%s): adopted", t.user_attrs[CELL],
-                                t.user_attrs.get(ATTEMPT), gone, outcome["state"])
+                    log.warning("cell %s attempt %s: %s; its job had finished (%s): adopted",
+                                t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), gone, outcome["state"])
                     reaped.append(t)
                 continue
             try:
@@ -299,8 +336,8 @@ class Ledger:
         return reaped
 
     def _job_lingers(self, t: FrozenTrial) -> bool:
-        """Whether the job of a dead worker's attempt still runs here; if so it is killed now (its result, if it
-        writes one before it dies, must be seen by the reaper, so the reaper waits for it to be gone)."""
+        """Whether the job of a dead worker's attempt still runs here; if so it is killed now (its result, if
+        it writes one before it dies, must be seen by the reaper, so the reaper waits for it to be gone)."""
         owner, job = t.user_attrs.get(OWNER) or {}, t.user_attrs.get(JOB) or {}
         if owner.get("host") != HOST or "pid" not in job or not pid_alive(job["pid"], job.get("pid_start")):
             return False
@@ -313,8 +350,8 @@ class Ledger:
     def requeue(self, cell: str, settling: FrozenTrial | None = None, failed: bool = False) -> bool:
         """Queue the next attempt of a cell unless it is done, queued, running, or out of attempts.
 
-        settling: the RUNNING attempt the caller is about to settle (re-queue comes first, so a crash in between
-        leaves a queued cell, never a lost one); failed: whether that attempt counts as a failure.
+        settling: the RUNNING attempt the caller is about to settle (re-queue comes first, so a crash in
+        between leaves a queued cell, never a lost one); failed: whether that attempt counts as a failure.
         """
         trials = self.by_cell().get(cell, [])
         others = [t for t in trials if settling is None or t.number != settling.number]
@@ -328,7 +365,8 @@ class Ledger:
         if counted and not (counted[-1].user_attrs.get(OUTCOME) or {}).get("retry", True):
             return False  # a bad-config exit (2) fails the same way again; --retry-failed overrides
         last = trials[-1].user_attrs
-        self.enqueue(cell, last[AXES], last[CONFIG], last[COST], max(t.user_attrs[ATTEMPT] for t in trials) + 1)
+        attempt = max(t.user_attrs[ATTEMPT] for t in trials) + 1
+        self.enqueue(cell, last[AXES], last[CONFIG], last[COST], attempt)
         return True
 
     def settled(self) -> bool:
@@ -358,7 +396,7 @@ def _contender(t: FrozenTrial) -> bool:
     if t.state != TrialState.RUNNING or REAPED in t.user_attrs:
         return False
     outcome = t.user_attrs.get(OUTCOME)
-    return outcome is None or outcome.get("state") in FINISHED_OK
+    return outcome is None or outcome.get("state") in contract.FINISHED
 
 
 def attempt_state(t: FrozenTrial) -> str:
@@ -373,10 +411,11 @@ def attempt_state(t: FrozenTrial) -> str:
         return outcome.get("state", "complete")
     state = outcome.get("state")
     # A FAIL trial with a success outcome lost a race with a reaper: the record counts it as died.
-    return "died" if state is None or state in FINISHED_OK else state
+    return "died" if state is None or state in contract.FINISHED else state
 
 
-def cell_status(cell: str, trials: list[FrozenTrial], alive: Callable[[FrozenTrial, float], bool]) -> CellStatus:
+def cell_status(cell: str, trials: list[FrozenTrial],
+                alive: Callable[[FrozenTrial, float], bool]) -> CellStatus:
     real = [t for t in trials if attempt_state(t) != "duplicate"] or trials
     done = [t for t in real if t.state == TrialState.COMPLETE]
     running = [t for t in real if t.state == TrialState.RUNNING]
@@ -393,8 +432,9 @@ def cell_status(cell: str, trials: list[FrozenTrial], alive: Callable[[FrozenTri
         error = (last.get(OUTCOME) or {}).get("error") or last.get(REAPED)
     return CellStatus(
         hash=cell, axes=t.user_attrs[AXES], state=state, attempt=int(t.user_attrs[ATTEMPT]),
-        attempts=sum(1 for x in real if x.state != TrialState.WAITING), cost=float(t.user_attrs.get(COST, 1.0)),
-        duration_s=outcome.get("duration_s"), started=owner.get("started"), val_reward=outcome.get("val_reward"),
+        attempts=sum(1 for x in real if x.state != TrialState.WAITING),
+        cost=float(t.user_attrs.get(COST, 1.0)), duration_s=outcome.get("duration_s"),
+        started=owner.get("started"), val_reward=outcome.get("val_reward"),
         run_id=outcome.get("run_id"), error=error,
         log=owner.get("log"), worker=owner.get("worker"),
         stale=t.state == TrialState.RUNNING and not alive(t, time.time()))

@@ -1,10 +1,15 @@
 """Sweep spec: which job configs (cells) a sweep runs, at which scale.
 
 A spec is a YAML file (see sweeps/grpo-vs-cfpo.yaml): a base job config, axes (any job field, dotted keys for
-nested ones), replicate seeds, and two scales (`paper`, `proxy`) that override any of these and say how many GPUs
-one job gets (`gpus_per_job`, `deepspeed`: how the job is launched, not what it is). A cell is one point
-of (axes x seeds) resolved into a validated `JobConfig`; its identity is `config_hash` of that config, so a cell
-keeps its identity (and its ledger entry) across spec edits that do not change what it computes.
+nested ones), replicate seeds, and its scales, a mapping of name to settings: the job config a scale starts
+from (`extends`), where its jobs run (`device`), its time limits and reference costs, its overrides of base,
+axes and seeds, and how many GPUs one job gets (`gpus_per_job`, `deepspeed`: how the job is launched, not what
+it is). A new scale is one more block under `scales:`. A cell is one point of (axes x seeds) resolved into a
+validated `JobConfig`; its identity is `config_hash` of that config, so a cell keeps its identity (and its
+ledger entry) across spec edits that do not change what it computes.
+
+A cell's settings, lowest first: the sweep's `extends` job config, the scale's, the sweep's base, the scale's
+base, `--set`, the cell's axis values. `extends` paths are relative to the sweep file's folder.
 
 Everything is checked here, before a sweep writes anything: each problem is one `ConfigError` naming the spec
 file and the field.
@@ -14,12 +19,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.config import (
     ConfigError,
@@ -31,12 +45,11 @@ from harness.config import (
     parse_value,
 )
 from harness.hypothesis import Hypothesis
-from harness.sweep.cost import cell_cost
+from harness.sweep.cost import PROXY_REFERENCE_S, cell_cost
 from harness.trl_args import shape_of
 
-SCALES: tuple[str, ...] = ("paper", "proxy", "proxy-full")
-
-# Job fields the sweep sets itself; a spec that sets them would be silently overridden, so it is an error.
+# Job fields the sweep sets itself; a spec that sets them would be silently overridden, so it is an error (a
+# job config named by `extends` may set them: they are ignored there).
 SWEEP_MANAGED = {
     "output_dir": "the sweep puts each job in results/<study>/<scale>/jobs/<cell>",
     "experiment": "the sweep logs to the MLflow experiment <study>/<scale>",
@@ -45,78 +58,136 @@ SWEEP_MANAGED = {
 # The budget is fixed per scale so that cells differ only in how they reuse rollouts.
 NOT_AN_AXIS = {"rollout_batches": "the training budget is fixed per scale, so that cells differ only in "
                                   "rollout reuse; set it in base"}
-# (cell time limit, stall limit) in minutes: far above any healthy cell (proxy: about 2 min a cell, the first
-# one building the warm start; paper: hours a cell, vLLM start-up and 500-prompt validations between metrics).
-DEFAULT_LIMITS_MIN = {"paper": (72 * 60.0, 120.0), "proxy": (6 * 60.0, 30.0), "proxy-full": (6 * 60.0, 30.0)}
 NESTED = {"trl": None, "proxy": ProxyModel}  # sections reachable with dotted keys (trl: any GRPOConfig name)
+# A study or scale name: a folder name and part of an MLflow experiment name.
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceDefaults:
+    """What a scale that leaves out its limits or reference costs gets, by its device."""
+
+    cell_timeout_min: float
+    stall_timeout_min: float
+    reference_s: tuple[float, float] | None
+
+
+DEFAULT_DEVICE = "cpu"  # a scale runs on any machine unless it says it needs a GPU
+# Limits far above any healthy cell (cpu: the proxy, about 2 min a cell, the first one building the warm
+# start; cuda: hours a cell, vLLM start-up and 500-prompt validations between metrics). Reference costs: the
+# proxy's on the reference machine for cpu; none for cuda, where no reference run was made.
+DEVICE_DEFAULTS = {"cpu": DeviceDefaults(6 * 60.0, 30.0, PROXY_REFERENCE_S),
+                   "cuda": DeviceDefaults(72 * 60.0, 120.0, None)}
+_CPU = DEVICE_DEFAULTS[DEFAULT_DEVICE]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class ScaleSpec(BaseModel):
-    """Overrides of the sweep's base, axes and seeds for one scale."""
+    """One scale: where its jobs run, what it changes of the sweep's base, axes and seeds, and its limits."""
 
     model_config = ConfigDict(extra="forbid")
-    description: str = Field("", description="what this scale is for; logged on the sweep's parent MLflow run")
-    base: dict[str, Any] = Field(default_factory=dict, description="job fields merged over the sweep's base "
-                                                                   "(nested sections or dotted keys)")
-    axes: dict[str, list[Any]] = Field(default_factory=dict, description="axes replaced, key by key, at this "
-                                                                         "scale; other axes are kept")
-    seeds: list[StrictInt] | None = Field(None, description="replicate seeds at this scale (default: the sweep's)")
-    gpus_per_job: StrictInt = Field(1, ge=1, description="GPUs per job: k > 1 runs each job as `accelerate launch "
-                                    "--num_processes k`, and a machine with G GPUs runs floor(G/k) jobs at a time, "
-                                    "each on its own k devices (harness/launch.py); must be 1 on CPU machines")
-    deepspeed: Literal["none", "zero2"] = Field("none", description="zero2: launch multi-GPU jobs with DeepSpeed "
-                                                "ZeRO-2 (configs/accelerate/zero2.yaml); none: plain data parallel")
-    cell_timeout_min: float | None = Field(None, gt=0, description="wall-clock limit of one job, in minutes; a job "
-                                           "past it is stopped and its attempt recorded as timeout (default: "
-                                           "DEFAULT_LIMITS_MIN; `sweep --cell-timeout-min` overrides)")
-    stall_timeout_min: float | None = Field(None, gt=0, description="minutes a job may go without storing a "
-                                            "metric (start-up included) before it counts as hung (default: "
-                                            "DEFAULT_LIMITS_MIN; `sweep --stall-timeout-min` overrides)")
+    description: str = Field(
+        "", description="what this scale is for; logged on the sweep's parent MLflow run")
+    extends: str | None = Field(
+        None, description="job config file (relative to the sweep file's folder) this scale starts from, "
+                          "over the sweep's extends; its seed, output_dir, experiment and axis fields are "
+                          "ignored")
+    device: Literal["cpu", "cuda"] = Field(
+        DEFAULT_DEVICE, description="where the jobs run: cuda needs a GPU (`--scale auto` passes over the "
+                                    "scale without one) and sets the limits' and reference costs' defaults")
+    base: dict[str, Any] = Field(
+        default_factory=dict, description="job fields merged over the sweep's base (nested sections or "
+                                          "dotted keys)")
+    axes: dict[str, list[Any]] = Field(
+        default_factory=dict, description="axes replaced, key by key, at this scale; other axes are kept")
+    seeds: list[StrictInt] | None = Field(
+        None, description="replicate seeds at this scale (default: the sweep's)")
+    gpus_per_job: StrictInt = Field(
+        1, ge=1, description="GPUs per job: k > 1 runs each job as `accelerate launch --num_processes k`, "
+                             "and a machine with G GPUs runs floor(G/k) jobs at a time, each on its own k "
+                             "devices (harness/launch.py); must be 1 on CPU machines")
+    deepspeed: Literal["none", "zero2"] = Field(
+        "none", description="zero2: launch multi-GPU jobs with DeepSpeed ZeRO-2 "
+                            "(configs/accelerate/zero2.yaml); none: plain data parallel")
+    cell_timeout_min: float = Field(
+        _CPU.cell_timeout_min, gt=0,
+        description="wall-clock limit of one job, in minutes; a job past it is stopped and its attempt "
+                    "recorded as timeout (default: 360 on cpu, 4320 on cuda; `sweep --cell-timeout-min` "
+                    "overrides)")
+    stall_timeout_min: float = Field(
+        _CPU.stall_timeout_min, gt=0,
+        description="minutes a job may go without storing a metric (start-up included) before it counts as "
+                    "hung (default: 30 on cpu, 120 on cuda; `sweep --stall-timeout-min` overrides)")
+    reference_s: tuple[Seconds, Seconds] | None = Field(
+        _CPU.reference_s,
+        description="[start-up s, s per cost unit] of a job on the reference machine: the queue's order and "
+                    "the dry run's estimate until the sweep's own durations fit them (default: the proxy's "
+                    "on cpu; null, the cuda default: unknown)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_defaults(cls, data: Any) -> Any:
+        """Limits left out (or null) and reference costs left out take the defaults of the scale's device."""
+        device = data.get("device", DEFAULT_DEVICE) if isinstance(data, dict) else None
+        if not isinstance(device, str) or device not in DEVICE_DEFAULTS:
+            return data  # pydantic reports what is wrong
+        defaults = DEVICE_DEFAULTS[device]
+        out = dict(data)
+        for key in ("cell_timeout_min", "stall_timeout_min"):
+            if out.get(key) is None:
+                out[key] = getattr(defaults, key)
+        out.setdefault("reference_s", defaults.reference_s)
+        return out
 
     @model_validator(mode="after")
     def _deepspeed_needs_gpus(self) -> ScaleSpec:
         if self.deepspeed != "none" and self.gpus_per_job < 2:
-            raise ValueError(f"deepspeed: {self.deepspeed} shards a job across its GPUs; it needs gpus_per_job of "
-                             f"2 or more (got {self.gpus_per_job})")
+            raise ValueError(f"deepspeed: {self.deepspeed} shards a job across its GPUs; it needs "
+                             f"gpus_per_job of 2 or more (got {self.gpus_per_job})")
         return self
 
 
-class Scales(BaseModel):
-    """The two scales every sweep defines, and an optional third; `--scale auto` picks paper on a CUDA machine,
-    else proxy."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    paper: ScaleSpec = Field(description="the real experiment: a Hub model and task on GPUs")
-    proxy: ScaleSpec = Field(description="an offline CPU stand-in that finishes in minutes")
-    proxy_full: ScaleSpec | None = Field(None, alias="proxy-full", description="optional: the CPU stand-in over a "
-                                         "larger grid than the default proxy's (`--scale proxy-full`)")
-
-    def get(self, name: str) -> ScaleSpec | None:
-        return getattr(self, name.replace("-", "_"), None)
-
-    def defined(self) -> list[str]:
-        return [n for n in SCALES if self.get(n) is not None]
-
-
 class SweepSpec(BaseModel):
-    """A sweep file: a base job, the axes of the grid, replicate seeds and the two scales."""
+    """A sweep file: a base job, the axes of the grid, replicate seeds and the scales."""
 
     model_config = ConfigDict(extra="forbid")
-    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                       description="study name: results/<study>/<scale>/ and MLflow experiment <study>/<scale>")
-    description: str = Field("", description="what the sweep asks; logged on the sweep's parent MLflow run")
-    base: dict[str, Any] = Field(default_factory=dict, description="job fields shared by every cell "
-                                                                   "(any JobConfig field; nested or dotted keys)")
-    axes: dict[str, list[Any]] = Field(default_factory=dict, description="job field (dotted key) -> values; "
-                                       "the grid is their product; fields joined by '+' move together, "
-                                       "e.g. batch_ratio+iterations: [[1, 1], [4, 4], [8, 8]] (a reuse ladder)")
-    seeds: list[StrictInt] = Field(default_factory=lambda: [0], description="replicate seeds; each cell runs "
-                                                                            "once per seed")
-    scales: Scales = Field(description="per-scale overrides of base, axes and seeds")
-    hypothesis: Hypothesis = Field(default_factory=Hypothesis, description="the primary question, declared before "
-                                   "the runs: what the analysis tests and corrects for (harness/hypothesis.py)")
-    learning_rate_from: str = Field("", description="where the learning rate came from (e.g. an on-policy "
-                                    "calibration of one objective); the report's limitations quote it")
+    study: str = Field(
+        pattern=NAME, description="study name: results/<study>/<scale>/ and MLflow experiment "
+                                  "<study>/<scale>")
+    description: str = Field(
+        "", description="what the sweep asks; logged on the sweep's parent MLflow run")
+    extends: str | None = Field(
+        None, description="job config file (relative to the sweep file's folder) every scale starts from; "
+                          "its seed, output_dir, experiment and axis fields are ignored")
+    base: dict[str, Any] = Field(
+        default_factory=dict, description="job fields shared by every cell (any JobConfig field; nested or "
+                                          "dotted keys)")
+    axes: dict[str, list[Any]] = Field(
+        default_factory=dict, description="job field (dotted key) -> values; the grid is their product; "
+                                          "fields joined by '+' move together, e.g. batch_ratio+iterations: "
+                                          "[[1, 1], [4, 4], [8, 8]] (a reuse ladder)")
+    seeds: list[StrictInt] = Field(
+        default_factory=lambda: [0], description="replicate seeds; each cell runs once per seed")
+    scales: dict[str, ScaleSpec] = Field(
+        description="scale name -> its settings and overrides of base, axes and seeds; `--scale auto` runs "
+                    "the first whose device is here")
+    hypothesis: Hypothesis = Field(
+        default_factory=Hypothesis, description="the primary question, declared before the runs: what the "
+                                                "analysis tests and corrects for (harness/hypothesis.py)")
+    learning_rate_from: str = Field(
+        "", description="where the learning rate came from (e.g. an on-policy calibration of one "
+                        "objective); the report's limitations quote it")
+
+    @field_validator("scales")
+    @classmethod
+    def _scale_names(cls, scales: dict[str, ScaleSpec]) -> dict[str, ScaleSpec]:
+        if not scales:
+            raise ValueError("needs at least one scale")
+        for name in scales:
+            if name == "auto" or not re.match(NAME, name):
+                raise ValueError(f"scale name {name!r}: allowed: letters, digits and '_.-' (not first), "
+                                 "other than 'auto' (`--scale auto` picks a scale)")
+        return scales
 
     @model_validator(mode="after")
     def _baseline_is_an_objective(self) -> SweepSpec:
@@ -162,8 +233,10 @@ class Plan:
     cells: list[Cell]
     gpus_per_job: int = 1      # the scale's; not part of a cell's identity (see docs/SCALE_OUT.md)
     deepspeed: str = "none"
-    cell_timeout_s: float = DEFAULT_LIMITS_MIN["proxy"][0] * 60  # the scale's limits (harness.sweep.watchdog)
-    stall_timeout_s: float = DEFAULT_LIMITS_MIN["proxy"][1] * 60
+    cell_timeout_s: float = _CPU.cell_timeout_min * 60  # the scale's limits (harness.sweep.watchdog)
+    stall_timeout_s: float = _CPU.stall_timeout_min * 60
+    device: str = DEFAULT_DEVICE  # the scale's: cuda jobs need GPUs wherever a worker runs
+    reference_s: tuple[float, float] | None = _CPU.reference_s  # the scale's (harness.sweep.cost)
 
     @property
     def study(self) -> str:
@@ -173,13 +246,19 @@ class Plan:
     def experiment(self) -> str:
         return f"{self.spec.study}/{self.scale}"
 
+    def ledger_scale(self) -> dict[str, Any]:
+        """The scale as its ledger records it (harness.sweep.ledger.SCALE), for workers that have no spec."""
+        return {"name": self.scale, "device": self.device,
+                "reference_s": list(self.reference_s) if self.reference_s is not None else None}
+
 
 def spec_path(name: str) -> Path:
     """NAME -> sweeps/NAME.yaml when NAME is not itself a file."""
     p = Path(name)
     if p.is_file():
         return p
-    for candidate in (Path("sweeps") / f"{name}.yaml", Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"):
+    for candidate in (Path("sweeps") / f"{name}.yaml",
+                      Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"{name}: no such sweep (give sweeps/NAME.yaml's NAME or a path to a spec file)")
@@ -200,24 +279,34 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        extra = err["type"] == "extra_forbidden"
+        msg = "unknown field" if extra else err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {field}: {msg}") from None
-    # Structure of every scale is checked even when only one is resolved.
+    # Structure of every scale, and the job configs they extend, are checked even when only one is resolved.
     _check_section(path, "", spec.base, spec.axes, spec.seeds)
-    for name_ in spec.scales.defined():
-        s: ScaleSpec = spec.scales.get(name_)
+    if spec.extends:
+        _job_config(path, "", spec.extends)
+    for name_, s in spec.scales.items():
         _check_section(path, f"scales.{name_}.", s.base, s.axes, s.seeds)
+        if s.extends:
+            _job_config(path, f"scales.{name_}.", s.extends)
     return spec, path
+
+
+def scale_spec(spec: SweepSpec, path: Path, scale: str) -> ScaleSpec:
+    """The named scale; a scale the spec does not define is a ConfigError naming the ones it does."""
+    s = spec.scales.get(scale)
+    if s is None:
+        raise ConfigError(f"{path}: scales.{scale}: not defined in this sweep; allowed: "
+                          f"{', '.join(spec.scales)}")
+    return s
 
 
 def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] = ()) -> Plan:
     """Resolve one scale (plus `--set key=value` overrides) into validated cells."""
-    s = spec.scales.get(scale)
-    if s is None:
-        raise ConfigError(f"{path}: scales.{scale}: not defined in this sweep; allowed: "
-                          f"{', '.join(spec.scales.defined())}")
-    base = deep_merge(_nest(spec.base), _nest(s.base))
+    s = scale_spec(spec, path, scale)
     axes = {**spec.axes, **s.axes}
+    base = deep_merge(deep_merge(_extended(spec, path, scale, axes), _nest(spec.base)), _nest(s.base))
     seeds = list(s.seeds if s.seeds is not None else spec.seeds)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -239,8 +328,8 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
             _check_key(f"--set {key}", key, axis=False)
             base = deep_merge(base, _nest({key: value}))
     if "rollout_batches" not in base:
-        raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must be "
-                          "explicit); set it in base or in the scale")
+        raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must "
+                          "be explicit); set it in base, in the scale or in the job config it extends")
     experiment = f"{spec.study}/{scale}"
     cells: list[Cell] = []
     seen: dict[str, str] = {}
@@ -259,23 +348,24 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
                     raise ConfigError(f"{where}: gpus_per_job={s.gpus_per_job}: {e}") from None
             digest = config_hash(cfg)
             if digest in seen:
-                raise ConfigError(f"{path}: scales.{scale}: cells {seen[digest]!r} and {label!r} are the same job")
+                raise ConfigError(f"{path}: scales.{scale}: cells {seen[digest]!r} and {label!r} are the "
+                                  "same job")
             seen[digest] = label
             cells.append(Cell(hash=digest, axes={**point, "seed": seed}, config=cfg))
     # Heaviest first, then by seed: the order the queue hands cells out in (harness.sweep.cost), so N workers
     # end the grid on short jobs together; a cell's objectives, of equal cost, run side by side.
     ordered = sorted(cells, key=lambda c: (-c.cost, seeds.index(c.axes["seed"])))
-    limit, stall = DEFAULT_LIMITS_MIN[scale]
     return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered,
-                gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed,
-                cell_timeout_s=60 * (s.cell_timeout_min or limit), stall_timeout_s=60 * (s.stall_timeout_min or stall))
+                gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed, cell_timeout_s=60 * s.cell_timeout_min,
+                stall_timeout_s=60 * s.stall_timeout_min, device=s.device,
+                reference_s=tuple(s.reference_s) if s.reference_s is not None else None)
 
 
 def check_other_scales(spec: SweepSpec, path: Path, selected: str) -> list[str]:
-    """Validate the scales not being run (without --set): both are one experiment, so a broken paper grid is
+    """Validate the scales not being run (without --set): all are one experiment, so a broken paper grid is
     worth knowing about before a proxy run. A task not registered on this machine is only a warning."""
     warnings = []
-    for name in spec.scales.defined():
+    for name in spec.scales:
         if name == selected:
             continue
         try:
@@ -287,15 +377,65 @@ def check_other_scales(spec: SweepSpec, path: Path, selected: str) -> list[str]:
     return warnings
 
 
-def pick_scale(scale: str) -> tuple[str, str]:
-    """`auto` -> paper on a CUDA machine, else proxy; returns (scale, why)."""
+def pick_scale(spec: SweepSpec, path: Path, scale: str) -> tuple[str, str]:
+    """`auto` -> the first scale, in the file's order, whose device is here (cuda: a GPU); another name
+    must be one of the spec's scales. Returns (scale, why)."""
     if scale != "auto":
+        scale_spec(spec, path, scale)
         return scale, "asked for"
-    import torch
+    skipped = []
+    for name, s in spec.scales.items():
+        if s.device != "cuda":
+            why = f"no CUDA device for {', '.join(skipped)}" if skipped else "the sweep file's first scale"
+            return name, f"auto: {why}"
+        import torch
 
-    if torch.cuda.is_available():
-        return "paper", f"auto: CUDA is available ({torch.cuda.device_count()} GPU)"
-    return "proxy", "auto: no CUDA device"
+        if torch.cuda.is_available():
+            return name, f"auto: CUDA is available ({torch.cuda.device_count()} GPU)"
+        skipped.append(name)
+    raise ConfigError(f"{path}: scales: every scale has device: cuda and this machine has no CUDA device; "
+                      f"allowed here: a scale with device: cpu ({', '.join(spec.scales)}: cuda)")
+
+
+# ------------------------------------------------------------------------------------------------- extends
+def _job_config(path: Path, prefix: str, target: str) -> dict[str, Any]:
+    """The job config file an `extends` names, read as `python -m harness train` reads it; keys checked."""
+    file = path.parent / target
+    where = f"{path}: {prefix}extends: {target}"
+    if not file.is_file():
+        raise ConfigError(f"{where}: no such file; allowed: a job config path relative to the sweep file's "
+                          "folder (e.g. ../configs/proxy.yaml)")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot be read ({e}); allowed: a readable YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of job field: value")
+    for key in raw:
+        if "." in str(key):  # `train` reads a job config's sections nested, never as dotted keys
+            raise ConfigError(f"{where}: {key}: not a job field; allowed: nested sections (trl:, proxy:)")
+    for key in _leaf_keys(raw):
+        if key.partition(".")[0] not in SWEEP_MANAGED:
+            _check_key(f"{where}: {key}", key, axis=False)
+    return raw
+
+
+def _extended(spec: SweepSpec, path: Path, scale: str, axes: dict[str, list[Any]]) -> dict[str, Any]:
+    """What a scale's cells start from: its job configs (the sweep's, then the scale's), less the fields the
+    sweep sets itself and those every cell takes from an axis."""
+    out: dict[str, Any] = {}
+    for prefix, target in (("", spec.extends), (f"scales.{scale}.", spec.scales[scale].extends)):
+        if target:
+            out = deep_merge(out, _job_config(path, prefix, target))
+    for field in [*SWEEP_MANAGED, *(f for key in axes for f in key.split("+"))]:
+        top, _, sub = field.partition(".")
+        if not sub:
+            out.pop(top, None)
+        elif isinstance(out.get(top), dict):
+            out[top].pop(sub, None)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- checks
