@@ -42,9 +42,10 @@ def attach(tracking_uri: str, study: str, scale: str, root: Path, verdict: str) 
     for folder in ("tables", "figures"):
         if (root / folder).is_dir():
             client.log_artifacts(run_id, str(root / folder), f"study/{folder}")
+    about = experiment.tags.get(contract.DESCRIPTION, "")
     client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content",
-                              f"{verdict}\n\nReport, tables and figures: artifacts `study/` of the sweep run "
-                              f"{run_id}; published under results/{study}/{scale}/.")
+                              f"{about}\n\nVerdict:\n{verdict}\n\nReport, tables and figures: artifacts `study/` "
+                              f"of the sweep run {run_id}; published under results/{study}/{scale}/.".strip())
     return run_id
 
 

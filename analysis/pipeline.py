@@ -60,7 +60,7 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
     commit, else AnalysisError, unless allow_dirty, which stamps the report and every table provisional.
     """
     rules = rules or CollapseRules()
-    decl = declared(study, spec)
+    decl = declared(study, spec, scale)
     baseline = baseline or decl.hypothesis.baseline
     paths = study_paths(results_dir, study, scale, cache_dir)
     for flag, folder in (("--results-dir", Path(results_dir)), ("--cache-dir", paths.cache)):

@@ -1,4 +1,5 @@
-"""What a study declared before its runs: the `hypothesis:` and `learning_rate_from:` of its sweep file.
+"""What a study declared before its runs: the `hypothesis:` and `learning_rate_from:` of its sweep file, and,
+for a confirmatory scale (`confirms:`), its own hypothesis and the exploration it came from.
 
 The sweep file is `--spec PATH`, else `sweeps/<study>.yaml` under the working directory or the repository. A
 study without a sweep file, or a sweep file without `hypothesis:`, gets the default question (harness.hypothesis)
@@ -23,6 +24,8 @@ class Declared:
     hypothesis: Hypothesis
     source: str  # where it was declared: "sweeps/x.yaml", or why it is the default
     learning_rate_from: str  # "" when the sweep file does not say
+    exploration: str | None = None  # the exploratory scale a confirmatory scale confirms
+    exploration_seeds: tuple[int, ...] = ()
 
 
 def find_spec(study: str, spec: str | Path | None) -> Path | None:
@@ -34,8 +37,9 @@ def find_spec(study: str, spec: str | Path | None) -> Path | None:
                 None)
 
 
-def declared(study: str, spec: str | Path | None = None) -> Declared:
-    """The declared question of `study`; AnalysisError for a sweep file that is not valid or names another study."""
+def declared(study: str, spec: str | Path | None = None, scale: str | None = None) -> Declared:
+    """The declared question of `study` at `scale` (the scale's own hypothesis, else the sweep's); AnalysisError
+    for a sweep file that is not valid or names another study."""
     path = find_spec(study, spec)
     if path is None:
         return Declared(Hypothesis(), f"default (no sweeps/{study}.yaml)", "")
@@ -46,11 +50,19 @@ def declared(study: str, spec: str | Path | None = None) -> Declared:
     if raw.get("study") != study:
         raise AnalysisError(f"--spec {path}: declares study {raw.get('study')!r}, not {study!r}; allowed: the "
                             f"sweep file of {study}")
+    scales = raw.get("scales") if isinstance(raw.get("scales"), dict) else {}
+    own = scales.get(scale) if isinstance(scales.get(scale), dict) else {}
+    where, text = (f"scales.{scale}.hypothesis", own["hypothesis"]) if own.get("hypothesis") else \
+        ("hypothesis", raw.get("hypothesis"))
     try:
-        hypothesis = Hypothesis.model_validate(raw.get("hypothesis") or {})
+        hypothesis = Hypothesis.model_validate(text or {})
     except ValidationError as e:
         err = e.errors()[0]
-        raise AnalysisError(f"{path}: hypothesis.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise AnalysisError(f"{path}: {where}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     shown = path.resolve().relative_to(REPO).as_posix() if path.resolve().is_relative_to(REPO) else str(path)
-    source = shown if "hypothesis" in raw else f"default ({shown} declares no hypothesis)"
-    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""))
+    source = (f"{shown}" + (f" ({where})" if where != "hypothesis" else "")) if text else \
+        f"default ({shown} declares no hypothesis)"
+    exploration = own.get("confirms")
+    explored = scales.get(exploration) if isinstance(scales.get(exploration), dict) else {}
+    seeds = tuple(explored.get("seeds") or raw.get("seeds") or ()) if exploration else ()
+    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""), exploration, seeds)

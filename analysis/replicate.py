@@ -103,7 +103,7 @@ def replicate(study: str, scale: str, against: str | Path, *, results_dir: str |
               spec: str | Path | None = None) -> list[Check]:
     """Compare the study under results_dir (MLflow, else its runs/) with the published copy in `against`
     (a results/<study>/<scale> folder with runs/)."""
-    hypothesis = declared(study, spec).hypothesis
+    hypothesis = declared(study, spec, scale).hypothesis
     runs_dir = Path(against) / "runs"
     if not runs_dir.is_dir():
         raise AnalysisError(f"--against {against}: no runs/ folder; allowed: a published study folder "

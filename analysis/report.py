@@ -44,6 +44,12 @@ def question_lines(declared: Declared, baseline: str | None, agg: pd.DataFrame, 
     what = ("mean over the cells" if h.contrast == "mean" else
             "least-squares slope in log2(batch ratio × iterations) across the cells")
     k = int(agg.loc[agg["role"] == "primary", "family_size"].max()) if len(agg) else 0
+    confirm = []
+    if declared.exploration:
+        explored = ", ".join(map(str, declared.exploration_seeds))
+        confirm = [f"- **Confirmatory**: this scale tests the hypothesis the exploration "
+                   f"[{declared.exploration}](../{declared.exploration}/README.md) suggested, on seeds none of its "
+                   f"runs used (the exploration's: {explored}); the verdict uses this scale's runs only."]
     return [f"Declared in `{declared.source}`" + (f"; baseline set to {baseline} on the command line" if overridden
                                                   else "") + ":",
             f"- Primary measure: **{MEASURE_LABELS[h.measure]}**, each objective against **{baseline}**.",
@@ -51,7 +57,7 @@ def question_lines(declared: Declared, baseline: str | None, agg: pd.DataFrame, 
             f"{cells}. The seed is the unit: a seed's cells share its warm start, prompt order and random stream.",
             f"- Test: exact sign-flip test across seeds, Holm over the {k} comparison(s) of the headline family at "
             f"alpha {h.alpha:g}; interval: t-interval across seeds at {1 - h.alpha:.0%}; a null is claimed only as "
-            f"equivalence within ±{h.margin:g} (two one-sided tests, Holm-adjusted)."]
+            f"equivalence within ±{h.margin:g} (two one-sided tests, Holm-adjusted).", *confirm]
 
 
 def _family_sizes(agg: pd.DataFrame, collapse: pd.DataFrame, paired_rows: pd.DataFrame) -> str:

@@ -49,6 +49,9 @@ SUPERSEDED_WHY = "harness.superseded"
 GIT_COMMIT = "git.commit"
 GIT_DIRTY = "git.dirty"  # "true" when tracked or untracked source files differ from the commit
 GIT_DIFF_HASH = "git.diff_hash"  # sha256 of the diff against the commit (untracked source files included)
+# --- on a study's MLflow experiment
+DESCRIPTION = "harness.description"  # what the study asks, its scale, its declared question
+HYPOTHESIS = "harness.hypothesis"  # the declared question (JSON)
 # --- on a sweep invocation's parent run
 SWEEP = "harness.sweep"  # "true" on the parent run (no metrics)
 HOST = "harness.host"
@@ -80,8 +83,12 @@ class RunIdentity:
         """The identity of a sweep's run; None for a run no sweep made (no cell tag)."""
         if CELL not in tags:
             return None
+        try:
+            axes = json.loads(tags.get(AXES) or "{}")
+        except ValueError:  # a hand-made tag: the identity stands without it
+            axes = {}
         return cls(study=tags.get(STUDY, ""), scale=tags.get(SCALE, ""), cell=tags[CELL],
-                   attempt=_int(tags.get(ATTEMPT), -1), axes=json.loads(tags.get(AXES) or "{}"),
+                   attempt=_int(tags.get(ATTEMPT), -1), axes=axes if isinstance(axes, dict) else {},
                    gpus_per_job=_int(tags.get(GPUS_PER_JOB), 1), deepspeed=tags.get(DEEPSPEED))
 
 

@@ -15,12 +15,15 @@ epsilon, or PPO's 0.2, for the others; plus each objective's own `extras`).
 
 Families: `clipped` (grpo, clip-higher, gspo, gppo), `weighted` (cispo, sapo), `clip_free` (cfpo, pg-is).
 """
+# Importing a family registers its objectives: this order is the order they are listed in.
+# isort: off
 from harness.objectives.registry import (LOG_RATIO_CLAMP, OBJECTIVE_KNOBS, OBJECTIVES, SHARED_LOSS_TYPES, Knobs,
                                          Objective, ObjectiveFn, ObjectiveTerms, Tokens, get_objective,
                                          register_objective, resolve_knobs)
-from harness.objectives.clipped import clipped_surrogate, gradient_preserving_clip  # noqa: E402  (registers)
-from harness.objectives.weighted import clipped_is_weight, soft_gate  # noqa: E402
-from harness.objectives.clip_free import importance_weighted_pg, quadratic_penalty  # noqa: E402
+from harness.objectives.clipped import clipped_surrogate, gradient_preserving_clip
+from harness.objectives.weighted import clipped_is_weight, soft_gate
+from harness.objectives.clip_free import importance_weighted_pg, quadratic_penalty
+# isort: on
 
 __all__ = ["LOG_RATIO_CLAMP", "OBJECTIVE_KNOBS", "OBJECTIVES", "SHARED_LOSS_TYPES", "Knobs", "Objective",
            "ObjectiveFn", "ObjectiveTerms", "Tokens", "get_objective", "register_objective", "resolve_knobs",

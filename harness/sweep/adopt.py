@@ -1,14 +1,15 @@
 """What an attempt came to, read from its own traces: its result file, else its MLflow run.
 
-Whoever settles an attempt (its worker, the reaper of a dead worker, a restarted driver) asks here first, so an
-attempt whose job reached its result is adopted, never re-run. A kill can land after the job finished its MLflow
-run and wrote its result, but before the worker recorded it; or between the MLflow run's end and the result
-file (job.py ends the run, then writes the file). Hence two sources:
+Whoever settles an attempt (its worker, the reaper of a dead worker, a restarted driver) asks here first, so
+an attempt whose job reached its result is adopted, never re-run. A kill can land after the job finished its
+MLflow run and wrote its result, but before the worker recorded it; or between the MLflow run's end and the
+result file (job.py ends the run, then writes the file). Hence two sources:
 
-1. `jobs/<cell>/attempt-<n>.result.json` (the job's `--result`, one file per attempt so a later attempt never
-   reads or deletes an earlier one's): status complete/diverged -> a result.
-2. Otherwise the attempt's MLflow run (tags harness.cell and harness.attempt): harness.status complete/diverged
-   -> a result (a run still RUNNING with that tag is finished here: its metrics are all logged).
+1. `jobs/<cell>/attempt-<n>.result.json` (the job's `--result`, contract.attempt_result): status
+   complete/diverged -> a result.
+2. Otherwise the attempt's MLflow run (tags harness.cell and harness.attempt): harness.status
+   complete/diverged -> a result (a run still RUNNING with that tag is finished here: its metrics are all
+   logged).
 
 When neither says so and MLflow cannot be asked (a tracking outage), the answer is `unknown`: the caller waits
 rather than guessing, because guessing wrong means a second complete run of the cell.
@@ -23,23 +24,17 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from harness import contract
+
 log = logging.getLogger("harness.sweep.adopt")
-USABLE = ("complete", "diverged")
-
-
-def result_path(sweep_dir: Path, cell: str, attempt: int) -> Path:
-    return sweep_dir / "jobs" / cell / f"attempt-{attempt}.result.json"
-
-
-def cell_result_path(sweep_dir: Path, cell: str) -> Path:
-    """The cell's adopted result (a copy of the adopted attempt's file), where `status` and people look."""
-    return sweep_dir / "jobs" / cell / "result.json"
+result_path = contract.attempt_result  # one attempt's result file, the job's --result
 
 
 @dataclasses.dataclass
 class Verdict:
     kind: Literal["result", "none", "unknown"]
-    result: dict[str, Any] = dataclasses.field(default_factory=dict)  # result.json's fields (status, run_id, ...)
+    # result.json's fields (status, run_id, ...)
+    result: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""          # "file" or "mlflow"
     run_id: str | None = None  # the attempt's MLflow run, when one was found
     why: str = ""             # for unknown: what could not be asked
@@ -50,7 +45,7 @@ class Verdict:
         if self.kind != "result" or self.where is None:
             return
         sweep_dir, cell, attempt = self.where
-        dest = cell_result_path(sweep_dir, cell)
+        dest = contract.cell_result(sweep_dir, cell)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".result.json.{os.getpid()}")
         tmp.write_text(json.dumps({**self.result, "attempt": attempt}, indent=1))
@@ -59,10 +54,11 @@ class Verdict:
     def outcome(self, **base: Any) -> dict[str, Any]:
         """The ledger outcome of an adopted result (the worker's COMPLETE outcome, same fields)."""
         final = self.result.get("final") or {}
-        val = final.get("val/reward")
+        val = final.get(contract.VAL_REWARD)
         val = float(val) if isinstance(val, (int, float)) and math.isfinite(val) else None
-        return {**base, "state": self.result["status"], "run_id": self.result.get("run_id"), "val_reward": val,
-                "final": final, "wall_s": self.result.get("wall_s"), "adopted_from": self.source}
+        return {**base, "state": self.result["status"], "run_id": self.result.get("run_id"),
+                "val_reward": val, "final": final, "wall_s": self.result.get("wall_s"),
+                "adopted_from": self.source}
 
 
 def read_result(path: Path) -> dict[str, Any]:
@@ -75,8 +71,8 @@ def read_result(path: Path) -> dict[str, Any]:
 
 def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
     where = (sweep_dir, cell, attempt)
-    result = read_result(result_path(sweep_dir, cell, attempt))
-    if result.get("status") in USABLE:
+    result = read_result(contract.attempt_result(sweep_dir, cell, attempt))
+    if contract.is_result(result.get("status")):
         return Verdict("result", result, "file", result.get("run_id"), where=where)
     from harness import tracking
 
@@ -89,15 +85,15 @@ def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
         return Verdict("unknown", why=f"MLflow {tracking.tracking_uri()}: {type(e).__name__}: {str(e)[:200]}")
     if run is None:
         return Verdict("none")
-    status = run.data.tags.get("harness.status")
-    if status not in USABLE:
+    status = run.data.tags.get(contract.STATUS)
+    if not contract.is_result(status):
         return Verdict("none", run_id=run.info.run_id)
     if run.info.status == "RUNNING":  # killed between its last tag and set_terminated
         tracking.client().set_terminated(run.info.run_id, "FINISHED")
     final = {k: v for k, v in run.data.metrics.items()}
     return Verdict("result", {"status": status, "run_id": run.info.run_id, "final": final,
-                              "config_hash": run.data.tags.get("harness.config_hash")}, "mlflow", run.info.run_id,
-                   where=where)
+                              "config_hash": run.data.tags.get(contract.CONFIG_HASH)}, "mlflow",
+                   run.info.run_id, where=where)
 
 
 def attempt_run(client: Any, experiment: str, cell: str, attempt: int) -> Any | None:
@@ -106,7 +102,7 @@ def attempt_run(client: Any, experiment: str, cell: str, attempt: int) -> Any | 
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`harness.cell` = '{cell}' and tags.`harness.attempt` = '{attempt}'"), max_results=10,
+        f"tags.`{contract.CELL}` = '{cell}' and tags.`{contract.ATTEMPT}` = '{attempt}'"), max_results=10,
         order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
@@ -125,8 +121,8 @@ def close_run(run_id: str | None, experiment: str, cell: str, attempt: int, stat
         run = client.get_run(run_id) if run_id else attempt_run(client, experiment, cell, attempt)
         if run is None or run.info.status != "RUNNING":
             return
-        client.set_tag(run.info.run_id, "harness.status", status)
-        client.set_tag(run.info.run_id, "harness.error", reason[:500])
+        client.set_tag(run.info.run_id, contract.STATUS, status)
+        client.set_tag(run.info.run_id, contract.ERROR, reason[:500])
         client.set_terminated(run.info.run_id, "KILLED")
     except Exception as e:
         log.warning("could not close the MLflow run of cell %s attempt %d: %s", cell, attempt, e)
@@ -141,7 +137,7 @@ def supersede(run_id: str | None, reason: str) -> None:
         return
     try:
         client = tracking.client()
-        client.set_tag(run_id, "harness.status", "superseded")
-        client.set_tag(run_id, "harness.superseded", reason[:500])
+        client.set_tag(run_id, contract.STATUS, contract.SUPERSEDED)
+        client.set_tag(run_id, contract.SUPERSEDED_WHY, reason[:500])
     except Exception as e:
         log.warning("could not mark MLflow run %s superseded: %s", run_id, e)

@@ -1,9 +1,10 @@
-"""The one-driver rule, held by the ledger's own storage: at most one `sweep` driver per sweep, on any machine.
+"""The one-driver rule, held by the ledger's own storage: at most one `sweep` driver per sweep, on any
+machine.
 
-Two drivers on one ledger would both enqueue (Optuna's enqueue is unsafe from concurrent producers, NOTES §5)
-and both tidy MLflow. A record in the ledger ("driver: pid on host") cannot exclude a second driver by itself
-(read, then write, is not atomic), so the claim is a lock of the storage, taken atomically and released by the
-operating system or the database when the driver dies, however it dies:
+Two drivers on one ledger would both enqueue the same cells (Optuna's enqueue_trial is not safe with
+concurrent producers) and both tidy MLflow. A record in the ledger ("driver: pid on host") cannot
+exclude a second driver by itself (read, then write, is not atomic), so the claim is a lock of the storage,
+taken atomically and released by the operating system or the database when the driver dies, however it dies:
 
 - journal file: a POSIX record lock (fcntl) on `<journal>.driver.lock` beside the journal, so on a shared file
   system (NFS) every machine that shares the journal sees the same lock;

@@ -1,7 +1,7 @@
 """What a person sees: live progress while a sweep runs, and the `status` table read from the ledger.
 
-On a terminal the driver shows a live panel (done / running / failed, ETA, the running cells); otherwise (logs,
-CI, pipes) it prints one plain line per settled attempt, so a log file gets no control characters.
+On a terminal the driver shows a live panel (done / running / failed, ETA, the running cells); otherwise
+(logs, CI, pipes) it prints one plain line per settled attempt, so a log file gets no control characters.
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from harness import contract
 from harness.sweep.ledger import ATTEMPT, AXES, CELL, OUTCOME, REAPED, CellStatus, Ledger, attempt_state
-
-DONE = ("complete", "diverged")
 
 
 def console() -> Console:
@@ -32,7 +31,9 @@ def fmt_s(s: float | None) -> str:
     if s is None:
         return "-"
     s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _axes_text(axes: dict[str, Any]) -> str:
@@ -41,13 +42,14 @@ def _axes_text(axes: dict[str, Any]) -> str:
 
 def eta_s(cells: list[CellStatus], parallel: int) -> float | None:
     """Seconds left: measured seconds per unit of cost (spec.Cell.cost) times the cost still to run."""
-    done = [c for c in cells if c.state in DONE and c.duration_s]
+    done = [c for c in cells if contract.is_result(c.state) and c.duration_s]
     if not done:
         return None
     rate = sum(c.duration_s for c in done) / sum(c.cost for c in done)  # type: ignore[misc]
     now = time.time()
     left = sum(c.cost * rate for c in cells if c.state == "queued")
-    left += sum(max(c.cost * rate - (now - (c.started or now)), 0.0) for c in cells if c.state == "running")
+    left += sum(max(c.cost * rate - (now - (c.started or now)), 0.0) for c in cells
+                if c.state == contract.RUNNING)
     return left / max(parallel, 1)
 
 
@@ -66,7 +68,8 @@ class SweepView:
 
     def __enter__(self) -> SweepView:
         if self.out.is_terminal:
-            self.live = Live(get_renderable=self.render, console=self.out, refresh_per_second=2, transient=False)
+            self.live = Live(get_renderable=self.render, console=self.out, refresh_per_second=2,
+                             transient=False)
             self.live.__enter__()
         return self
 
@@ -82,19 +85,22 @@ class SweepView:
         return sum(1 for c in self.cells if c.state in states)
 
     def summary(self) -> str:
-        eta = eta_s(self.cells, min(self.workers or 1, max(self.count("running", "queued"), 1)))
-        return (f"{self.count(*DONE)}/{self.total} done ({self.count('diverged')} diverged), "
-                f"{self.count('running')} running, {self.count('queued')} queued, "
-                f"{self.count('failed', 'interrupted')} failed, ETA {fmt_s(eta) if eta is not None else '?'}")
+        eta = eta_s(self.cells, min(self.workers or 1, max(self.count(contract.RUNNING, "queued"), 1)))
+        return (f"{self.count(*contract.FINISHED)}/{self.total} done "
+                f"({self.count(contract.DIVERGED)} diverged), "
+                f"{self.count(contract.RUNNING)} running, {self.count('queued')} queued, "
+                f"{self.count(contract.FAILED, 'interrupted')} failed, "
+                f"ETA {fmt_s(eta) if eta is not None else '?'}")
 
     def render(self) -> Group:
         head = Table.grid(padding=(0, 1))
-        head.add_row(ProgressBar(total=max(self.total, 1), completed=self.count(*DONE, "failed"), width=30),
-                     Text(self.summary()))
+        settled = self.count(*contract.FINISHED, contract.FAILED)
+        head.add_row(ProgressBar(total=max(self.total, 1), completed=settled, width=30), Text(self.summary()))
         parts: list[Any] = [Text(self.title, style="bold"), head]
         now = time.time()
         rows = [(_axes_text(c.axes), c.hash, str(c.attempt), fmt_s(now - (c.started or now)),
-                 (c.worker or "?") + (" (stale)" if c.stale else "")) for c in self.cells if c.state == "running"]
+                 (c.worker or "?") + (" (stale)" if c.stale else ""))
+                for c in self.cells if c.state == contract.RUNNING]
         if rows:
             running = Table(box=None, header_style="dim", pad_edge=False)
             for col in ("running", "cell", "attempt", "for", "worker"):
@@ -115,9 +121,11 @@ class SweepView:
             o = t.user_attrs.get(OUTCOME) or {}
             extra = f" val/reward={o['val_reward']:.3f}" if o.get("val_reward") is not None else ""
             err = o.get("error") or t.user_attrs.get(REAPED)
-            self.out.print(f"[{self.count(*DONE, 'failed')}/{self.total}] {state} {t.user_attrs[CELL]} attempt "
-                           f"{t.user_attrs[ATTEMPT]} {_axes_text(t.user_attrs[AXES])} {fmt_s(o.get('duration_s'))}"
-                           f"{extra}" + (f" ({err})" if err else ""), highlight=False, soft_wrap=True, markup=False)
+            settled = self.count(*contract.FINISHED, contract.FAILED)
+            self.out.print(f"[{settled}/{self.total}] {state} {t.user_attrs[CELL]} attempt "
+                           f"{t.user_attrs[ATTEMPT]} {_axes_text(t.user_attrs[AXES])} "
+                           f"{fmt_s(o.get('duration_s'))}{extra}" + (f" ({err})" if err else ""),
+                           highlight=False, soft_wrap=True, markup=False)
 
 
 def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
@@ -133,10 +141,10 @@ def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
         table.add_column(col, justify="right" if col in ("attempt", "duration", "val/reward") else "left")
     now = time.time()
     for c in sorted(cells, key=lambda c: [json.dumps(c.axes.get(k)) for k in keys]):
-        val = _val_reward(sweep_dir / "jobs" / c.hash / "result.json", c.val_reward)
-        dur = c.duration_s if c.state != "running" else now - (c.started or now)
+        val = _val_reward(contract.cell_result(sweep_dir, c.hash), c.val_reward)
+        dur = c.duration_s if c.state != contract.RUNNING else now - (c.started or now)
         state = c.state + (" (stale)" if c.stale else "")
-        note = c.log if c.state == "running" else c.error if c.state != "complete" else ""
+        note = c.log if c.state == contract.RUNNING else c.error if c.state != contract.COMPLETE else ""
         table.add_row(c.hash, *[str(c.axes.get(k, "")) for k in keys], state, str(c.attempt), fmt_s(dur),
                       f"{val:.3f}" if val is not None else "-", (note or "")[:80])
     return table
@@ -144,7 +152,7 @@ def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
 
 def _val_reward(path: Path, fallback: float | None) -> float | None:
     try:
-        v = json.loads(path.read_text())["final"]["val/reward"]
+        v = json.loads(path.read_text())["final"][contract.VAL_REWARD]
         return float(v)
     except (OSError, ValueError, KeyError, TypeError):
         return fallback

@@ -1,9 +1,9 @@
 """One `sweep` invocation: validate, enqueue what is left, launch workers, watch, clean up.
 
 Order matters: everything that can be rejected (spec, cells, storage, options) is checked before the first
-folder, ledger entry or MLflow run is written. Re-running the same command resumes: complete and diverged cells
-are skipped, attempts of dead workers are failed and re-queued, failed cells are retried up to the attempt limit
-(`--retry-failed` grants a fresh allowance).
+folder, ledger entry or MLflow run is written. Re-running the same command resumes: complete and diverged
+cells are skipped, attempts of dead workers are failed and re-queued, failed cells are retried up to the
+attempt limit (`--retry-failed` grants a fresh allowance).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness import tracking
+from harness import contract, tracking
 from harness.config import ConfigError
 from harness.launch import check_gpus, gpu_slots, visible_gpus
-from harness.sweep import adopt, runs
+from harness.sweep import adopt, mlflow_runs
 from harness.sweep.claim import ClaimTaken, DriverClaim
 from harness.sweep.display import SweepView, console, fmt_s
 from harness.sweep.estimate import utilisation
@@ -82,105 +82,174 @@ class SweepOptions:
 
 
 def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
+    storage_url, gpus = _preflight(plan, opts, results)
+    # ---- nothing above this line writes anything
+    sweep = _Sweep(plan, opts, results, storage_url)
+    sweep.claim()  # first: a refused driver writes nothing (but the claim's lock file)
+    sweep.open_ledger()
+    sweep.enqueue()
+    sweep.start_parent()
+    interrupted = sweep.supervise(_Launcher(plan, opts, storage_url, results, sweep.dir, gpus))
+    return sweep.finish(interrupted)
+
+
+def _preflight(plan: Plan, opts: SweepOptions, results: Path) -> tuple[str, list[str]]:
+    """Everything that can be rejected (options, storage, GPUs, the tracking server), checked before anything
+    is written. Returns the ledger's storage and the GPUs for local workers."""
     opts.check()
-    sweep_dir = results / plan.study / plan.scale
-    storage_url = check_storage(opts.storage, sweep_dir / "ledger.journal")
+    storage_url = check_storage(opts.storage, contract.ledger_path(results, plan.study, plan.scale))
     gpus: list[str] = []
     if opts.launcher == "local" and opts.workers > 0:  # local workers need the GPUs here (SLURM: the nodes')
         gpus = visible_gpus()
         check_gpus(gpus, plan.gpus_per_job, f"{plan.spec_path}: scales.{plan.scale}")
-    out = console()
     down = tracking.unreachable()
     if down:
         raise SweepError(f"{down}; start it, or point MLFLOW_TRACKING_URI at one that answers")
-    # ---- nothing above this line writes anything
-    claim = _claim(storage_url, plan)  # first: a refused driver writes nothing (but the claim's lock file)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(open_storage(storage_url), plan.experiment, create=True)
-    ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
-    ledger.set_attr(STALE_AFTER, opts.stale_after)
-    ledger.set_attr(CELL_TIMEOUT, 60 * opts.cell_timeout_min if opts.cell_timeout_min else plan.cell_timeout_s)
-    ledger.set_attr(STALL_TIMEOUT, 60 * opts.stall_timeout_min if opts.stall_timeout_min else plan.stall_timeout_s)
-    _set_launch(ledger, plan, out)
-    if opts.retry_failed:
-        ledger.set_attr(RETRY_FROM, len(ledger.storage.get_all_trials(ledger.study_id, deepcopy=False)))
-    find = _finder(sweep_dir, plan.experiment)
-    ledger.reap(find)
-    counts = _sync(ledger, plan)
-    out.print(f"sweep {plan.experiment}: {len(plan.cells)} cells ({counts['new']} new, {counts['retry']} retried, "
-              f"{counts['done']} done, {counts['active']} queued or running, {counts['failed']} failed for good); "
-              f"ledger {storage_url}", soft_wrap=True)
+    return storage_url, gpus
 
-    client, exp_id = runs.open_experiment(plan)
-    runs.tidy(client, exp_id, ledger)
-    parent = runs.start_parent(client, exp_id, plan, {
-        "workers": opts.workers, "launcher": opts.launcher, "max_attempts": opts.max_attempts,
-        "retry_failed": opts.retry_failed, "storage": storage_url, "gpus_per_job": plan.gpus_per_job,
-        "deepspeed": plan.deepspeed})
-    ledger.set_attr(PARENT_RUN, parent)
-    _beat(ledger, parent)
 
-    workers = _Launcher(plan, opts, storage_url, results, sweep_dir, gpus)
-    interrupted = False
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    view = SweepView(ledger, f"{plan.experiment} ({opts.workers} workers)", [c.hash for c in plan.cells],
-                     opts.workers)
-    started = datetime.now()  # naive local time, as Optuna stamps attempts
-    try:
-        if not ledger.settled():
-            workers.start()
-        with view:
-            last_beat = 0.0
-            while True:
-                view.update()
-                if time.time() - last_beat > 10:
-                    if not claim.held():
-                        raise SweepError(f"lost the driver claim on {storage_url} (connection to the ledger lost); "
-                                         "run the same command again to resume")
-                    ledger.reap(find)  # workers on other machines can die too; their attempts are settled here
-                    _beat(ledger, parent)
-                    last_beat = time.time()
-                if not ledger.settled():
-                    workers.replace_killed()
-                if workers.finished() and (opts.workers > 0 or ledger.settled()):
-                    break
-                time.sleep(0.5)
-            view.update()
-    except KeyboardInterrupt:
-        interrupted = True
-        out.print("interrupted: stopping workers (their cells go back to the queue)...")
-        workers.stop()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    view.update()
-    done, failed = view.count("complete", "diverged"), view.count("failed", "interrupted")
-    status = "KILLED" if interrupted else "FINISHED" if done == len(plan.cells) else "FAILED"
-    try:
-        runs.end_parent(client, parent, status, {"complete": view.count("complete"),
-                                                 "diverged": view.count("diverged"), "failed": failed})
-        runs.tidy(client, exp_id, ledger)
-    except Exception as e:  # a tracking outage at the end loses nothing: the next start tidies MLflow
-        logging.getLogger(__name__).debug("MLflow tidy-up failed", exc_info=True)
-        out.print(f"warning: MLflow tidy-up skipped ({type(e).__name__}: {str(e)[:200]}); the next `sweep` "
-                  "start does it", soft_wrap=True)
-    ledger.set_attr(DRIVER, None)
-    claim.release()
-    ended = datetime.now()
-    busy = utilisation(((t.datetime_start, t.datetime_complete) for t in ledger.trials()), started, ended,
-                       opts.workers if opts.launcher == "local" else 0)
-    busy_text = (f"; worker utilisation {busy:.0%} of {opts.workers} x {fmt_s((ended - started).total_seconds())}"
-                 if busy is not None else "")
-    out.print(f"sweep {plan.experiment}: {view.summary()}{busy_text}; results in {sweep_dir}; MLflow experiment "
-              f"{plan.experiment!r}, parent run {parent}", soft_wrap=True)
-    for c in view.cells:
-        if c.state == "failed":
-            out.print(f"  failed {c.hash} {' '.join(f'{k}={v}' for k, v in c.axes.items())} after "
-                      f"{c.attempts} attempt(s): {c.error} (log {c.log}); rerun with --retry-failed", soft_wrap=True)
-    return 130 if interrupted else 0 if done == len(plan.cells) else 1
+class _Sweep:
+    """One `sweep` invocation past its checks; run_sweep calls its steps in order, each setting up what the
+    next needs."""
+
+    driver_claim: DriverClaim
+    ledger: Ledger
+    client: Any  # MlflowClient
+    exp_id: str
+    parent: str  # this invocation's MLflow parent run
+    view: SweepView
+    started: datetime
+
+    def __init__(self, plan: Plan, opts: SweepOptions, results: Path, storage_url: str):
+        self.plan, self.opts, self.storage_url = plan, opts, storage_url
+        self.dir = contract.sweep_dir(results, plan.study, plan.scale)
+        self.out = console()
+        self.find = _finder(self.dir, plan.experiment)
+
+    def claim(self) -> None:
+        self.driver_claim = _claim(self.storage_url, self.plan)
+
+    def open_ledger(self) -> None:
+        """The sweep's folder and ledger, with the options every worker reads from it."""
+        plan, opts = self.plan, self.opts
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = ledger = Ledger(open_storage(self.storage_url), plan.experiment, create=True,
+                                      scale=plan.ledger_scale())
+        ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
+        ledger.set_attr(STALE_AFTER, opts.stale_after)
+        ledger.set_attr(CELL_TIMEOUT,
+                        60 * opts.cell_timeout_min if opts.cell_timeout_min else plan.cell_timeout_s)
+        ledger.set_attr(STALL_TIMEOUT,
+                        60 * opts.stall_timeout_min if opts.stall_timeout_min else plan.stall_timeout_s)
+        _set_launch(ledger, plan, self.out)
+        if opts.retry_failed:
+            ledger.set_attr(RETRY_FROM, len(ledger.storage.get_all_trials(ledger.study_id, deepcopy=False)))
+
+    def enqueue(self) -> None:
+        """Settle dead workers' attempts, then queue what is left to run."""
+        self.ledger.reap(self.find)
+        counts = _sync(self.ledger, self.plan)
+        self.out.print(f"sweep {self.plan.experiment}: {len(self.plan.cells)} cells ({counts['new']} new, "
+                       f"{counts['retry']} retried, {counts['done']} done, "
+                       f"{counts['active']} queued or running, {counts['failed']} failed for good); "
+                       f"ledger {self.storage_url}", soft_wrap=True)
+
+    def start_parent(self) -> None:
+        """MLflow brought in line with the ledger, and this invocation's parent run."""
+        opts, plan = self.opts, self.plan
+        self.client, self.exp_id = mlflow_runs.open_experiment(plan)
+        mlflow_runs.tidy(self.client, self.exp_id, self.ledger)
+        self.parent = mlflow_runs.start_parent(self.client, self.exp_id, plan, {
+            "workers": opts.workers, "launcher": opts.launcher, "max_attempts": opts.max_attempts,
+            "retry_failed": opts.retry_failed, "storage": self.storage_url, "gpus_per_job": plan.gpus_per_job,
+            "deepspeed": plan.deepspeed})
+        self.ledger.set_attr(PARENT_RUN, self.parent)
+        _beat(self.ledger, self.parent)
+
+    def supervise(self, workers: _Launcher) -> bool:
+        """Start the workers and watch them until they have left; True when Ctrl-C or SIGTERM stopped them."""
+        interrupted = False
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.view = SweepView(self.ledger, f"{self.plan.experiment} ({self.opts.workers} workers)",
+                              [c.hash for c in self.plan.cells], self.opts.workers)
+        self.started = datetime.now()  # naive local time, as Optuna stamps attempts
+        try:
+            if not self.ledger.settled():
+                workers.start()
+            with self.view:
+                self._watch(workers)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.out.print("interrupted: stopping workers (their cells go back to the queue)...")
+            workers.stop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return interrupted
+
+    def _watch(self, workers: _Launcher) -> None:
+        last_beat = 0.0
+        while True:
+            self.view.update()
+            if time.time() - last_beat > 10:
+                self._check_in()
+                last_beat = time.time()
+            if not self.ledger.settled():
+                workers.replace_killed()
+            if workers.finished() and (self.opts.workers > 0 or self.ledger.settled()):
+                break
+            time.sleep(0.5)
+        self.view.update()
+
+    def _check_in(self) -> None:
+        """The claim still held, attempts of dead workers settled, the driver's heartbeat refreshed."""
+        if not self.driver_claim.held():
+            raise SweepError(f"lost the driver claim on {self.storage_url} (connection to the ledger lost); "
+                             "run the same command again to resume")
+        self.ledger.reap(self.find)  # workers on other machines can die too; their attempts are settled here
+        _beat(self.ledger, self.parent)
+
+    def finish(self, interrupted: bool) -> int:
+        """End the parent run, tidy MLflow, release the claim, print the summary; the exit code."""
+        self.view.update()
+        done = self.view.count(*contract.FINISHED)
+        status = "KILLED" if interrupted else "FINISHED" if done == len(self.plan.cells) else "FAILED"
+        self._end_parent(status)
+        self.ledger.set_attr(DRIVER, None)
+        self.driver_claim.release()
+        self._summary()
+        return 130 if interrupted else 0 if done == len(self.plan.cells) else 1
+
+    def _end_parent(self, status: str) -> None:
+        view = self.view
+        try:
+            mlflow_runs.end_parent(self.client, self.parent, status, {
+                "complete": view.count(contract.COMPLETE), "diverged": view.count(contract.DIVERGED),
+                "failed": view.count(contract.FAILED, "interrupted")})
+            mlflow_runs.tidy(self.client, self.exp_id, self.ledger)
+        except Exception as e:  # a tracking outage at the end loses nothing: the next start tidies MLflow
+            logging.getLogger(__name__).debug("MLflow tidy-up failed", exc_info=True)
+            self.out.print(f"warning: MLflow tidy-up skipped ({type(e).__name__}: {str(e)[:200]}); the next "
+                           "`sweep` start does it", soft_wrap=True)
+
+    def _summary(self) -> None:
+        opts, plan, out = self.opts, self.plan, self.out
+        ended = datetime.now()
+        busy = utilisation(((t.datetime_start, t.datetime_complete) for t in self.ledger.trials()),
+                           self.started, ended, opts.workers if opts.launcher == "local" else 0)
+        busy_text = (f"; worker utilisation {busy:.0%} of {opts.workers} x "
+                     f"{fmt_s((ended - self.started).total_seconds())}" if busy is not None else "")
+        out.print(f"sweep {plan.experiment}: {self.view.summary()}{busy_text}; results in {self.dir}; MLflow "
+                  f"experiment {plan.experiment!r}, parent run {self.parent}", soft_wrap=True)
+        for c in self.view.cells:
+            if c.state == contract.FAILED:
+                out.print(f"  failed {c.hash} {' '.join(f'{k}={v}' for k, v in c.axes.items())} after "
+                          f"{c.attempts} attempt(s): {c.error} (log {c.log}); rerun with --retry-failed",
+                          soft_wrap=True)
 
 
 def _sync(ledger: Ledger, plan: Plan) -> dict[str, int]:
-    """Enqueue new cells once (this process is the only producer before workers start); re-queue failed ones."""
+    """Enqueue new cells once (this process is the only producer before workers start); re-queue failed
+    ones."""
     counts = dict(new=0, retry=0, done=0, active=0, failed=0)
     existing = ledger.by_cell()
     for cell in plan.cells:
@@ -192,7 +261,8 @@ def _sync(ledger: Ledger, plan: Plan) -> dict[str, int]:
             counts["retry"] += 1
         else:
             states = {t.state.name for t in trials}
-            key = "done" if "COMPLETE" in states else "active" if states & {"RUNNING", "WAITING"} else "failed"
+            active = states & {"RUNNING", "WAITING"}
+            key = "done" if "COMPLETE" in states else "active" if active else "failed"
             counts[key] += 1
     return counts
 
@@ -201,16 +271,17 @@ def _set_launch(ledger: Ledger, plan: Plan, out: Any) -> None:
     """How every worker (here or on other machines) launches a job: the scale's gpus_per_job and deepspeed."""
     before = (ledger.gpus_per_job, ledger.deepspeed)
     now = (plan.gpus_per_job, plan.deepspeed)
-    if before != now and any(c.state in ("complete", "diverged") for c in ledger.cells()):
-        out.print(f"warning: gpus_per_job/deepspeed changed from {before[0]}/{before[1]} to {now[0]}/{now[1]}; "
-                  "cells already finished keep their results (their runs are tagged harness.gpus_per_job)",
-                  soft_wrap=True)
+    if before != now and any(contract.is_result(c.state) for c in ledger.cells()):
+        out.print(f"warning: gpus_per_job/deepspeed changed from {before[0]}/{before[1]} to "
+                  f"{now[0]}/{now[1]}; cells already finished keep their results (their runs are tagged "
+                  "harness.gpus_per_job)", soft_wrap=True)
     ledger.set_attr(GPUS_PER_JOB, plan.gpus_per_job)
     ledger.set_attr(DEEPSPEED, plan.deepspeed)
 
 
 def _claim(storage_url: str, plan: Plan) -> DriverClaim:
-    """The one-driver rule, atomic in the ledger's storage (harness.sweep.claim), on any number of machines."""
+    """The one-driver rule, atomic in the ledger's storage (harness.sweep.claim), on any number of
+    machines."""
     try:
         return DriverClaim(storage_url, plan.experiment).take()
     except ClaimTaken as e:
@@ -243,8 +314,8 @@ class _Launcher:
 
     def __init__(self, plan: Plan, opts: SweepOptions, storage: str, results: Path, sweep_dir: Path,
                  gpus: list[str]):
-        self.plan, self.opts, self.storage, self.results, self.sweep_dir = plan, opts, storage, results, sweep_dir
-        self.gpus = gpus
+        self.plan, self.opts, self.storage, self.results = plan, opts, storage, results
+        self.sweep_dir, self.gpus = sweep_dir, gpus
         self.procs: list[subprocess.Popen] = []
         self.names: list[str] = []
         self.slots: list[tuple[str, ...]] = []
@@ -269,8 +340,10 @@ class _Launcher:
         for i in range(self.opts.workers):
             self.names.append(f"{HOST}-w{i}")
             self.slots.append(tuple(slots[i % len(slots)]) if slots else ())
-            self.procs.append(spawn_worker(self.plan.spec_path.resolve(), self.worker_options(self.names[i],
-                                                                                              self.slots[i])))
+            self.procs.append(self._spawn(i))
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        return spawn_worker(self.plan.spec_path.resolve(), self.worker_options(self.names[i], self.slots[i]))
 
     def _start_submitit(self) -> None:
         import submitit
@@ -278,7 +351,7 @@ class _Launcher:
         executor = submitit.AutoExecutor(folder=self.sweep_dir / "submitit")
         params: dict[str, Any] = {"timeout_min": self.opts.timeout_min, "name": f"sweep-{self.plan.study}",
                                   "slurm_array_parallelism": self.opts.workers}
-        if self.plan.scale == "paper" or self.plan.gpus_per_job > 1:
+        if self.plan.device == "cuda" or self.plan.gpus_per_job > 1:
             params["gpus_per_node"] = self.plan.gpus_per_job  # one worker per array task, one job at a time
         if self.opts.partition:
             params["slurm_partition"] = self.opts.partition
@@ -293,8 +366,7 @@ class _Launcher:
             if p.poll() is not None and p.returncode < 0:
                 console().print(f"worker {self.names[i]} (pid {p.pid}) was killed by "
                                 f"{signal.Signals(-p.returncode).name}; starting another", soft_wrap=True)
-                self.procs[i] = spawn_worker(self.plan.spec_path.resolve(), self.worker_options(self.names[i],
-                                                                                                self.slots[i]))
+                self.procs[i] = self._spawn(i)
 
     def finished(self) -> bool:
         return all(p.poll() is not None for p in self.procs) and all(j.done() for j in self.jobs)

@@ -63,7 +63,31 @@ def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
         out.print(f"estimated time: {fmt_s(total)} of jobs; {fmt_s(wall)} wall with {workers} worker(s) "
                   "(one job per core on the 2-core reference machine; start-up of the proxy model's warm "
                   "start not included)", soft_wrap=True)
+    if plan.confirms is not None:
+        for line in power_lines(plan):
+            out.print(line, soft_wrap=True)
     out.print("dry run: nothing written (no ledger, no MLflow run, no folder)")
+
+
+def power_lines(plan: Plan) -> list[str]:
+    """What the planned seeds can detect, from the published exploration this scale confirms."""
+    # The analysis's own reduction of runs to per-seed contrasts, so the design and the verdict agree; imported
+    # here only, as the dry run is the one place the sweep reads a published study.
+    from analysis.errors import AnalysisError
+    from analysis.layout import PUBLISHED_ROOT
+    from analysis.planning import power_plan
+
+    hypothesis = plan.hypothesis
+    runs = PUBLISHED_ROOT / plan.study / str(plan.confirms) / "tables" / "runs.csv"
+    seeds = len(plan.seeds)
+    head = (f"power ({hypothesis.measure}, {hypothesis.contrast} over {hypothesis.cells}, alpha "
+            f"{hypothesis.alpha:g}), from the exploration {plan.confirms} ({runs.parent.parent}):")
+    try:
+        plans = power_plan(runs, hypothesis, seeds)
+    except AnalysisError as e:
+        return [f"{head} unknown: {e}"]
+    baseline = hypothesis.baseline or "the first objective"
+    return [head, *(f"  {p.describe(baseline, hypothesis.margin)}" for p in plans)]
 
 
 def utilisation(intervals: Iterable[tuple[datetime | None, datetime | None]], since: datetime,

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 from harness.sweep.processes import pid_alive, pid_start
+from harness.tracking import code_state
 
 JOB_STARTS = ("fork", "exec")
 # Imported once by the forkserver; multiprocessing ignores an ImportError there (the child then imports
@@ -58,14 +59,24 @@ class ForkedJob:
 
 class Forkserver:
     """One per worker: started on first use with the jobs' environment, so what the stack reads at import time
-    (thread counts, offline flags, cache paths) is what an exec'd job would read."""
+    (thread counts, offline flags, cache paths) is what an exec'd job would read.
+
+    It also records the source tree it loaded (harness.tracking.code_state): a forked job runs that code and its
+    run names it, so once the tree changes (an edit, a commit made mid-sweep) the worker execs its jobs instead
+    (`serves`), and each run again records the code it ran."""
 
     def __init__(self, env: dict[str, str]):
         self.env = env
         self._ctx: multiprocessing.context.BaseContext | None = None
+        self.code: dict[str, str] | None = None  # the tree when the forkserver started
+
+    def serves(self, code: dict[str, str]) -> bool:
+        """Whether a job forked now runs the code `code` describes (true before the forkserver starts)."""
+        return self._ctx is None or self.code == code
 
     def start(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> ForkedJob:
         if self._ctx is None:
+            self.code = code_state()
             os.environ.update(self.env)  # the forkserver inherits this process's environment when it starts
             self._ctx = multiprocessing.get_context("forkserver")
             self._ctx.set_forkserver_preload(PRELOAD)

@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from harness import contract
 from harness.config import (
     ConfigError,
     JobConfig,
@@ -118,6 +119,17 @@ class ScaleSpec(BaseModel):
         _CPU.stall_timeout_min, gt=0,
         description="minutes a job may go without storing a metric (start-up included) before it counts as "
                     "hung (default: 30 on cpu, 120 on cuda; `sweep --stall-timeout-min` overrides)")
+    hypothesis: Hypothesis | None = Field(
+        None, description="the question this scale tests, when not the sweep's (a confirmation's, written "
+                          "from its exploration before it runs)")
+    confirms: str | None = Field(
+        None, description="the exploratory scale of this file whose published results suggested the "
+                          "hypothesis this scale tests: its seeds must be fresh (none of that scale's), and its "
+                          "report names the exploration")
+    on_policy_seeds: StrictInt | None = Field(
+        None, ge=1, description="run on-policy cells (batch ratio x iterations = 1) with only the first n seeds: "
+                                "their objectives' differences are exactly 0 by construction, so the control "
+                                "needs one or two (default: every seed)")
     reference_s: tuple[Seconds, Seconds] | None = Field(
         _CPU.reference_s,
         description="[start-up s, s per cost unit] of a job on the reference machine: the queue's order and "
@@ -190,12 +202,33 @@ class SweepSpec(BaseModel):
         return scales
 
     @model_validator(mode="after")
+    def _confirmations_use_fresh_seeds(self) -> SweepSpec:
+        for name, scale in self.scales.items():
+            if scale.confirms is None:
+                continue
+            if scale.confirms == name or scale.confirms not in self.scales:
+                raise ValueError(f"scales.{name}.confirms {scale.confirms!r}: allowed: another scale of this "
+                                 f"file ({', '.join(n for n in self.scales if n != name)})")
+            overlap = self.seeds_of(name) & self.seeds_of(scale.confirms)
+            if overlap:
+                raise ValueError(f"scales.{name}.seeds: {sorted(overlap)} also seed the exploration "
+                                 f"{scale.confirms!r}; a confirmation needs fresh seeds; allowed: seeds not in "
+                                 f"{sorted(self.seeds_of(scale.confirms))}")
+        return self
+
+    def seeds_of(self, scale: str) -> set[int]:
+        seeds = self.scales[scale].seeds
+        return set(seeds if seeds is not None else self.seeds)
+
+    @model_validator(mode="after")
     def _baseline_is_an_objective(self) -> SweepSpec:
-        base = self.hypothesis.baseline
         objectives = self.axes.get("objective", [self.base.get("objective")])
-        if base is not None and base not in objectives:
-            raise ValueError(f"hypothesis.baseline {base!r} is not an objective of this sweep; allowed: "
-                             f"{', '.join(map(str, objectives))}")
+        declared = [("hypothesis", self.hypothesis)] + [(f"scales.{n}.hypothesis", s.hypothesis)
+                                                       for n, s in self.scales.items() if s.hypothesis]
+        for where, hypothesis in declared:
+            if hypothesis.baseline is not None and hypothesis.baseline not in objectives:
+                raise ValueError(f"{where}.baseline {hypothesis.baseline!r} is not an objective of this sweep; "
+                                 f"allowed: {', '.join(map(str, objectives))}")
         return self
 
 
@@ -237,6 +270,7 @@ class Plan:
     stall_timeout_s: float = _CPU.stall_timeout_min * 60
     device: str = DEFAULT_DEVICE  # the scale's: cuda jobs need GPUs wherever a worker runs
     reference_s: tuple[float, float] | None = _CPU.reference_s  # the scale's (harness.sweep.cost)
+    confirms: str | None = None  # the exploratory scale this one confirms
 
     @property
     def study(self) -> str:
@@ -244,12 +278,21 @@ class Plan:
 
     @property
     def experiment(self) -> str:
-        return f"{self.spec.study}/{self.scale}"
+        return contract.experiment_name(self.spec.study, self.scale)
+
+    @property
+    def hypothesis(self) -> Hypothesis:
+        """The question this scale's runs answer: its own, else the sweep's."""
+        return self.spec.scales[self.scale].hypothesis or self.spec.hypothesis
 
     def ledger_scale(self) -> dict[str, Any]:
         """The scale as its ledger records it (harness.sweep.ledger.SCALE), for workers that have no spec."""
         return {"name": self.scale, "device": self.device,
                 "reference_s": list(self.reference_s) if self.reference_s is not None else None}
+
+
+def _on_policy(raw_cfg: dict[str, Any]) -> bool:
+    return contract.on_policy(int(raw_cfg.get("batch_ratio", 1)), int(raw_cfg.get("iterations", 1)))
 
 
 def spec_path(name: str) -> Path:
@@ -305,7 +348,11 @@ def scale_spec(spec: SweepSpec, path: Path, scale: str) -> ScaleSpec:
 def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] = ()) -> Plan:
     """Resolve one scale (plus `--set key=value` overrides) into validated cells."""
     s = scale_spec(spec, path, scale)
-    axes = {**spec.axes, **s.axes}
+    axes = dict(spec.axes)
+    for key in s.axes:  # a scale's axis replaces the sweep's axes over the same fields, joined (a+b) or not
+        for other in [k for k in axes if set(k.split("+")) & set(key.split("+"))]:
+            del axes[other]
+    axes.update(s.axes)
     base = deep_merge(deep_merge(_extended(spec, path, scale, axes), _nest(spec.base)), _nest(s.base))
     seeds = list(s.seeds if s.seeds is not None else spec.seeds)
     for item in overrides:
@@ -327,6 +374,9 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
         else:
             _check_key(f"--set {key}", key, axis=False)
             base = deep_merge(base, _nest({key: value}))
+    if s.confirms is not None and set(seeds) & spec.seeds_of(s.confirms):
+        raise ConfigError(f"--set seed: {sorted(set(seeds) & spec.seeds_of(s.confirms))} also seed the "
+                          f"exploration {s.confirms!r} that scale {scale!r} confirms; allowed: fresh seeds")
     if "rollout_batches" not in base:
         raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must "
                           "be explicit); set it in base, in the scale or in the job config it extends")
@@ -337,6 +387,8 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
         for combo in itertools.product(*axes.values()):
             point = _point(axes, combo)
             raw_cfg = deep_merge(base, _nest(point))
+            if s.on_policy_seeds is not None and seed not in seeds[:s.on_policy_seeds] and _on_policy(raw_cfg):
+                continue
             raw_cfg.update(seed=seed, experiment=experiment)
             label = " ".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())
             where = f"{path}: scales.{scale}: cell {label}"
@@ -357,7 +409,7 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
     ordered = sorted(cells, key=lambda c: (-c.cost, seeds.index(c.axes["seed"])))
     return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered,
                 gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed, cell_timeout_s=60 * s.cell_timeout_min,
-                stall_timeout_s=60 * s.stall_timeout_min, device=s.device,
+                stall_timeout_s=60 * s.stall_timeout_min, device=s.device, confirms=s.confirms,
                 reference_s=tuple(s.reference_s) if s.reference_s is not None else None)
 
 

@@ -1,23 +1,25 @@
 """A worker: pulls queued cells from the ledger and runs each as `python -m harness train` in a subprocess
 (`accelerate launch --num_processes k ... -m harness train` when the sweep's scale sets gpus_per_job k > 1).
 
-Each attempt runs in its own session with its own log, a heartbeat thread keeps the attempt's claim fresh, and
-the job dies with the worker (Linux parent-death signal), so no job outlives the worker that answers for it.
-The attempt's own result decides the outcome, whatever the exit code (harness.sweep.adopt: its result file,
-else its MLflow run): complete/diverged -> COMPLETE; otherwise exit 2 (bad config) -> failed, not retried;
-a job past its cell time limit or silent past the stall limit (harness.sweep.watchdog) -> timeout; anything
-else -> failed; both re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and SIGUSR2 (a scheduler's
-warning) stop the job gracefully and re-queue the cell without spending an attempt, as does a job that died
-of a tracking-server outage; while the server is down the worker takes no cell.
+Each attempt runs in its own session with its own log, a heartbeat thread keeps the attempt's claim fresh,
+and the job dies with the worker (Linux parent-death signal), so no job outlives the worker that answers for
+it. An attempt runs in four steps: prepare (folder, config, command), launch (fork or exec), supervise (the
+wait, with heartbeat, watchdog and signals) and settle, whose decision is harness.sweep.outcome's. The
+attempt's own result decides, whatever the exit code (harness.sweep.adopt: its result file, else its MLflow
+run): complete/diverged -> COMPLETE; otherwise exit 2 (bad config) -> failed, not retried; a job past its cell
+time limit or silent past the stall limit (harness.sweep.watchdog) -> timeout; anything else -> failed; both
+re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and SIGUSR2 (a scheduler's warning) stop the job
+gracefully and re-queue the cell without spending an attempt, as does a job that died of a tracking-server
+outage; while the server is down the worker takes no cell.
 
-GPUs: a worker started with `gpus` (the driver's local workers, `harness worker --gpus`) pins its jobs to those
-devices with CUDA_VISIBLE_DEVICES; without, its jobs see what the worker sees (a SLURM allocation, say).
-`run_worker_group` runs several pinned workers on one machine, as `harness worker` does on a multi-GPU machine.
+GPUs: a worker started with `gpus` (the driver's local workers, `harness worker --gpus`) pins its jobs to
+those devices with CUDA_VISIBLE_DEVICES; without, its jobs see what the worker sees (a SLURM allocation, say).
+`run_worker_group` runs several pinned workers on one machine, as `harness worker` does on a multi-GPU
+machine.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shlex
@@ -33,24 +35,24 @@ import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from harness import contract
 from harness.launch import job_command, train_command
-from harness.sweep import adopt
+from harness.sweep import adopt, outcome
+from harness.sweep.forkserver import Forkserver
 from harness.sweep.ledger import (
     ATTEMPT,
     AXES,
     CELL,
     CONFIG,
-    COUNTED_FAILURES,
     HOST,
     JOB,
     PARENT_RUN,
     Ledger,
     open_storage,
 )
-from harness.sweep.forkserver import Forkserver
 from harness.sweep.processes import die_with_parent, has_nvidia_devices, job_env, pid_start, signal_group
 from harness.sweep.watchdog import Watchdog
-from harness.tracking import PROGRESS_ENV, tracking_uri, unreachable
+from harness.tracking import PROGRESS_ENV, code_state, tracking_uri, unreachable
 
 log = logging.getLogger("harness.sweep.worker")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,20 +69,17 @@ class WorkerOptions:
     results: str
     name: str
     poll_s: float = 1.0
-    gpus: tuple[str, ...] | None = None  # devices of this worker's jobs (CUDA_VISIBLE_DEVICES); None: inherited
+    # devices of this worker's jobs (CUDA_VISIBLE_DEVICES); None: inherited
+    gpus: tuple[str, ...] | None = None
     job_start: str = "fork"  # fork single-process CPU jobs from a preloaded forkserver, or exec every job
 
     @property
     def study_name(self) -> str:
-        return f"{self.study}/{self.scale}"
+        return contract.experiment_name(self.study, self.scale)
 
     @property
     def sweep_dir(self) -> Path:
-        return Path(self.results) / self.study / self.scale
-
-
-def attempt_log(sweep_dir: Path, cell: str, attempt: int) -> Path:
-    return sweep_dir / "jobs" / cell / f"attempt-{attempt}.log"
+        return contract.sweep_dir(self.results, self.study, self.scale)
 
 
 def run_worker(opts: WorkerOptions) -> int:
@@ -92,8 +91,8 @@ def run_worker(opts: WorkerOptions) -> int:
 
 def worker_command(spec: Path, opts: WorkerOptions) -> list[str]:
     """`python -m harness worker` for one worker process with these options."""
-    cmd = [sys.executable, "-m", "harness", "worker", str(spec), "--scale", opts.scale, "--storage", opts.storage,
-           "--results-dir", opts.results, "--name", opts.name]
+    cmd = [sys.executable, "-m", "harness", "worker", str(spec), "--scale", opts.scale,
+           "--storage", opts.storage, "--results-dir", opts.results, "--name", opts.name]
     if opts.gpus is not None:
         cmd += ["--gpus", ",".join(opts.gpus) or "none"]
     return [*cmd, "--job-start", opts.job_start]
@@ -102,8 +101,8 @@ def worker_command(spec: Path, opts: WorkerOptions) -> list[str]:
 def spawn_worker(spec: Path, opts: WorkerOptions) -> subprocess.Popen:
     """Start one worker process, logging to <sweep>/workers/NAME.log, pinned to opts.gpus.
 
-    Own session: a terminal's Ctrl-C reaches the parent only, which stops workers in order. Parent-death SIGTERM:
-    a SIGKILLed parent still stops its workers (they stop their jobs and re-queue their cells).
+    Own session: a terminal's Ctrl-C reaches the parent only, which stops workers in order. Parent-death
+    SIGTERM: a SIGKILLed parent still stops its workers (they stop their jobs and re-queue their cells).
     """
     log_dir = opts.sweep_dir / "workers"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +116,9 @@ def spawn_worker(spec: Path, opts: WorkerOptions) -> subprocess.Popen:
 
 
 def run_worker_group(spec: Path, group: list[WorkerOptions]) -> int:
-    """Several pinned workers on this machine (`harness worker` with more than one GPU slot); returns when all
-    have left. SIGINT / SIGTERM / SIGHUP are passed on as SIGTERM: each worker stops its job and re-queues it."""
+    """Several pinned workers on this machine (`harness worker` with more than one GPU slot); returns when
+    all have left. SIGINT / SIGTERM / SIGHUP are passed on as SIGTERM: each worker stops its job and re-queues
+    it."""
     procs = [spawn_worker(spec, o) for o in group]
     for o, p in zip(group, procs, strict=True):
         print(f"worker {o.name} (pid {p.pid}) on GPUs {','.join(o.gpus or ()) or 'none'}: log "
@@ -142,6 +142,37 @@ def run_worker_group(spec: Path, group: list[WorkerOptions]) -> int:
     return 130 if stopped.is_set() else next((c for c in codes if c), 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One attempt's job, prepared: its files and how it is launched."""
+
+    trial: FrozenTrial
+    cell: str
+    attempt: int
+    config: dict[str, Any]
+    config_file: Path
+    result: Path  # the job's --result file
+    progress: Path  # touched by the job whenever it stores a metric (the watchdog's stall clock)
+    log: Path
+    per_job: int  # processes (GPUs) per job
+    deepspeed: str
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.trial.user_attrs[AXES].items())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ended:
+    """How an attempt's job ended, as its worker saw it."""
+
+    exit_code: int
+    stopped: bool  # the worker stopped it
+    timed_out: str | None  # why the watchdog stopped it, if it did
+    heartbeat_lost: bool  # another process declared the attempt dead meanwhile
+    duration_s: float
+
+
 class Worker:
     def __init__(self, opts: WorkerOptions):
         self.opts = opts
@@ -157,7 +188,8 @@ class Worker:
         self.stop.set()
 
     def run(self) -> int:
-        log.info("worker %s on %s (pid %d) joined %s", self.opts.name, HOST, os.getpid(), self.opts.study_name)
+        log.info("worker %s on %s (pid %d) joined %s", self.opts.name, HOST, os.getpid(),
+                 self.opts.study_name)
         waiting_for: str | None = None
         while not self.stop.is_set():
             down = unreachable()
@@ -170,7 +202,7 @@ class Worker:
             if waiting_for:
                 log.info("MLflow tracking server %s answers again", tracking_uri())
                 waiting_for = None
-            trial = self.ledger.pop(self.opts.name, lambda t: attempt_log(
+            trial = self.ledger.pop(self.opts.name, lambda t: contract.attempt_log(
                 self.opts.sweep_dir, t.user_attrs[CELL], t.user_attrs[ATTEMPT]))
             if trial is not None:
                 self.run_attempt(trial)
@@ -184,61 +216,88 @@ class Worker:
         return 130 if self.stop.is_set() else 0
 
     def run_attempt(self, trial: FrozenTrial) -> None:
+        job = self._prepare(trial)
+        if job.per_job > 1 and self.opts.gpus is not None and len(self.opts.gpus) < job.per_job:
+            self._hand_back(job, f"worker {self.opts.name} has GPUs {','.join(self.opts.gpus) or 'none'}, "
+                                 f"jobs need {job.per_job}")
+            return
+        cmd = self._command(job)
+        log.info("cell %s attempt %d (%s): starting, log %s", job.cell, job.attempt, job.label, job.log)
+        t0 = time.time()
+        proc = self._launch(job, cmd)
+        ended = self._supervise(job, proc, t0)
+        self._settle(job, ended)
+
+    def _prepare(self, trial: FrozenTrial) -> _Job:
+        """The attempt's folder and config file, with no stale result or progress file in the way."""
         cell, attempt = trial.user_attrs[CELL], int(trial.user_attrs[ATTEMPT])
-        job_dir = self.opts.sweep_dir / "jobs" / cell
+        sweep = self.opts.sweep_dir
+        job_dir = contract.job_dir(sweep, cell)
         job_dir.mkdir(parents=True, exist_ok=True)
         cfg = {**trial.user_attrs[CONFIG], "output_dir": str(job_dir), "experiment": self.opts.study_name}
         cfg_path = job_dir / "config.yaml"
-        result_path = adopt.result_path(self.opts.sweep_dir, cell, attempt)
-        progress = job_dir / f"attempt-{attempt}.progress"
+        result = contract.attempt_result(sweep, cell, attempt)
+        progress = contract.attempt_progress(sweep, cell, attempt)
+        log_path = contract.attempt_log(sweep, cell, attempt)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        for stale in (result_path, progress):  # left by an earlier ledger in this results folder, if any
+        for stale in (result, progress):  # left by an earlier ledger in this results folder, if any
             stale.unlink(missing_ok=True)
         # How to launch is the sweep's (study attrs), read per attempt: a resumed sweep may have changed it.
-        per_job, deepspeed = self.ledger.gpus_per_job, self.ledger.deepspeed
-        if per_job > 1 and self.opts.gpus is not None and len(self.opts.gpus) < per_job:
-            # Not the job's fault: hand the cell back without spending an attempt, and leave.
-            why = f"worker {self.opts.name} has GPUs {','.join(self.opts.gpus) or 'none'}, jobs need {per_job}"
-            log.error("cell %s: %s; leaving", cell, why)
-            if self.ledger.note(trial._trial_id, {"state": "interrupted", "error": why}):
-                self.ledger.requeue(cell, settling=trial, failed=False)
-                self.ledger.settle(trial._trial_id, TrialState.FAIL)
-            self.stop.set()
-            return
-        tags = {"harness.study": self.opts.study, "harness.scale": self.opts.scale, "harness.cell": cell,
-                "harness.attempt": attempt, "harness.gpus_per_job": per_job,
-                "harness.axes": json.dumps(trial.user_attrs[AXES], sort_keys=True)}
-        if per_job > 1:
-            tags["harness.deepspeed"] = deepspeed
-        cmd = [*job_command(per_job, deepspeed), str(cfg_path),
-               *[a for k, v in tags.items() for a in ("--tag", f"{k}={v}")], "--result", str(result_path)]
+        return _Job(trial, cell, attempt, cfg, cfg_path, result, progress, log_path, self.ledger.gpus_per_job,
+                    self.ledger.deepspeed)
+
+    def _hand_back(self, job: _Job, why: str) -> None:
+        """Not the job's fault: hand the cell back without spending an attempt, and leave."""
+        log.error("cell %s: %s; leaving", job.cell, why)
+        if self.ledger.note(job.trial._trial_id, {"state": outcome.INTERRUPTED, "error": why}):
+            self.ledger.requeue(job.cell, settling=job.trial, failed=False)
+            self.ledger.settle(job.trial._trial_id, TrialState.FAIL)
+        self.stop.set()
+
+    def _command(self, job: _Job) -> list[str]:
+        """`harness train` (or `accelerate launch`) of the job's config, with the run's identity as tags."""
+        tags = contract.RunIdentity(study=self.opts.study, scale=self.opts.scale, cell=job.cell,
+                                    attempt=job.attempt, axes=job.trial.user_attrs[AXES],
+                                    gpus_per_job=job.per_job, deepspeed=job.deepspeed).to_tags()
+        cmd = [*job_command(job.per_job, job.deepspeed), str(job.config_file),
+               *[a for k, v in tags.items() for a in ("--tag", f"{k}={v}")], "--result", str(job.result)]
         parent = self.ledger.attr(PARENT_RUN)
         if parent:
             cmd += ["--parent-run-id", parent]
-        log_path = attempt_log(self.opts.sweep_dir, cell, attempt)
-        label = " ".join(f"{k}={v}" for k, v in trial.user_attrs[AXES].items())
-        log.info("cell %s attempt %d (%s): starting, log %s", cell, attempt, label, log_path)
+        return cmd
 
-        t0 = time.time()
-        env = {**job_env(self.opts.gpus), PROGRESS_ENV: str(progress)}
-        fork = self._forks(per_job, cfg)
-        with open(log_path, "ab") as out:
+    def _launch(self, job: _Job, cmd: list[str]) -> Any:
+        """Fork the job from the forkserver, or exec it: in its own session, dying with this worker."""
+        env = {**job_env(self.opts.gpus), PROGRESS_ENV: str(job.progress)}
+        fork = self._forks(job.per_job, job.config)
+        if fork and not self.forkserver.serves(code_state()):
+            log.info("cell %s: the source changed since the forkserver loaded it; exec'ing the job", job.cell)
+            fork = False
+        with open(job.log, "ab") as out:
             out.write(f"# {time.strftime('%F %T')} worker {self.opts.name} on {HOST}: {shlex.join(cmd)}"
                       f"{' (forked)' if fork else ''}\n".encode())
             out.flush()
             if fork:
-                proc = self.forkserver.start(["train", *cmd[len(train_command()):]], log_path, env, REPO_ROOT)
+                proc = self.forkserver.start(["train", *cmd[len(train_command()):]], job.log, env, REPO_ROOT)
             else:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=REPO_ROOT, env=env, start_new_session=True, preexec_fn=die_with_parent())
-        try:  # a reaper that outlives this worker waits for this process to be gone before judging the attempt
-            self.ledger.storage.set_trial_user_attr(trial._trial_id, JOB, {"pid": proc.pid,
-                                                                           "pid_start": pid_start(proc.pid)})
+                                        cwd=REPO_ROOT, env=env, start_new_session=True,
+                                        preexec_fn=die_with_parent())
+        # A reaper that outlives this worker waits for this process to be gone before judging the attempt.
+        try:
+            self.ledger.storage.set_trial_user_attr(job.trial._trial_id, JOB,
+                                                    {"pid": proc.pid, "pid_start": pid_start(proc.pid)})
         except UpdateFinishedTrialError:
             pass  # already settled by another process: the heartbeat says so within one beat
-        beat = Heartbeat(self.ledger, trial._trial_id, interval=min(30.0, self.ledger.stale_after / 4))
+        return proc
+
+    def _supervise(self, job: _Job, proc: Any, t0: float) -> _Ended:
+        """Wait for the job, keeping the attempt's heartbeat; stop it (SIGTERM, then SIGKILL after GRACE_S)
+        on a signal to this worker, when another process declares the attempt dead, or past the watchdog's
+        limits."""
+        beat = Heartbeat(self.ledger, job.trial._trial_id, interval=min(30.0, self.ledger.stale_after / 4))
         beat.start()
-        dog = Watchdog(progress, self.ledger.cell_timeout_s, self.ledger.stall_timeout_s, started=t0)
+        dog = Watchdog(job.progress, self.ledger.cell_timeout_s, self.ledger.stall_timeout_s, started=t0)
         stopped_at: float | None = None
         timed_out: str | None = None
         while True:
@@ -251,63 +310,85 @@ class Worker:
                 timed_out = None if (self.stop.is_set() or beat.lost.is_set()) else dog.check()
                 if self.stop.is_set() or beat.lost.is_set() or timed_out:
                     if timed_out:
-                        log.warning("cell %s attempt %d: %s; stopping its job", cell, attempt, timed_out)
+                        log.warning("cell %s attempt %d: %s; stopping its job", job.cell, job.attempt,
+                                    timed_out)
                     stopped_at = time.time()
                     signal_group(proc, signal.SIGTERM)
             elif time.time() - stopped_at > GRACE_S:
                 signal_group(proc, signal.SIGKILL)
         beat.stop()
-        duration = round(time.time() - t0, 1)
-        # The job's own result decides, whatever the exit code: a kill can land after the result was written
-        # (a SIGTERM during interpreter shutdown, a SIGKILL before exit), and that result must not be re-run.
-        verdict, outage = self._verdict(cell, attempt)
-        if beat.lost.is_set():
-            log.warning("cell %s attempt %d was declared dead by another process; its job was stopped", cell, attempt)
-            if verdict.kind == "result":  # finished anyway: the cell's next attempt is the one that counts
-                adopt.supersede(verdict.run_id, f"attempt {attempt} was declared dead before its job finished")
+        return _Ended(rc, stopped_at is not None, timed_out, beat.lost.is_set(), round(time.time() - t0, 1))
+
+    def _settle(self, job: _Job, ended: _Ended) -> None:
+        """Decide what the attempt came to (harness.sweep.outcome) and record it."""
+        verdict, outage = self._verdict(job.cell, job.attempt)
+        decided = outcome.decide(self._attempt_end(job, ended, verdict, outage))
+        if decided.state in (outcome.SUPERSEDED, outcome.DECLARED_DEAD):
+            log.warning("cell %s attempt %d was declared dead by another process; its job was stopped",
+                        job.cell, job.attempt)
+            if decided.state == outcome.SUPERSEDED:
+                adopt.supersede(verdict.run_id, str(decided.error))
             return
-        if verdict.kind == "unknown":  # stopping during a tracking outage: a reaper settles it once MLflow answers
-            log.warning("cell %s attempt %d: left for a reaper (%s)", cell, attempt, verdict.why)
+        if decided.state == outcome.LEFT_FOR_REAPER:  # stopping in a tracking outage: a reaper settles it
+            log.warning("cell %s attempt %d: left for a reaper (%s)", job.cell, job.attempt, decided.error)
             return
-        base = {"exit_code": rc, "duration_s": duration, "log": str(log_path)}
-        if verdict.kind == "result":
-            outcome = verdict.outcome(**base)
-            settled = self.ledger.settle(trial._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"])
-            if settled:
-                verdict.publish()
-            elif self.ledger.storage.get_trial(trial._trial_id).state != TrialState.COMPLETE:
-                adopt.supersede(verdict.run_id, f"attempt {attempt} was failed by another process")
+        base = {"exit_code": ended.exit_code, "duration_s": ended.duration_s, "log": str(job.log)}
+        if contract.is_result(decided.state):
+            settled, record = self._adopt(job, verdict, base)
         else:
-            result = adopt.read_result(result_path)
-            tracking_error = outage or _tracking_failure(log_path)
-            if timed_out:
-                outcome = {**base, "state": "timeout", "error": timed_out}
-            elif stopped_at is not None:  # stopped by us: not the job's fault, so it costs no attempt
-                outcome = {**base, "state": "interrupted", "error": "stopped by a signal to the worker"}
-            elif tracking_error:  # not the cell's fault either: retried once the server answers
-                outcome = {**base, "state": "interrupted", "error": tracking_error}
-            else:
-                outcome = {**base, "state": "failed", "error": _failure(rc, result, log_path), "retry": rc != 2}
-            # Outcome, then the next attempt, then settle: a crash in between leaves the cell queued, and a worker
-            # popping the next attempt sees (by the outcome) that this one is on its way out, not a rival.
-            settled = self.ledger.note(trial._trial_id, outcome)
-            if settled and outcome.get("retry", True):
-                self.ledger.requeue(cell, settling=trial, failed=outcome["state"] in COUNTED_FAILURES)
-            settled = settled and self.ledger.settle(trial._trial_id, TrialState.FAIL)
-            if settled:
-                adopt.close_run(verdict.run_id, self.opts.study_name, cell, attempt,
-                                "timeout" if timed_out else "killed", outcome["error"])
+            settled, record = self._fail(job, verdict, decided, base)
         if not settled:
-            log.warning("cell %s attempt %d was settled by another process first", cell, attempt)
-        log.info("cell %s attempt %d (%s): %s in %.0fs%s", cell, attempt, label, outcome["state"], duration,
-                 f" ({outcome['error']})" if outcome.get("error") else "")
+            log.warning("cell %s attempt %d was settled by another process first", job.cell, job.attempt)
+        log.info("cell %s attempt %d (%s): %s in %.0fs%s", job.cell, job.attempt, job.label, record["state"],
+                 ended.duration_s, f" ({record['error']})" if record.get("error") else "")
+
+    def _attempt_end(self, job: _Job, ended: _Ended, verdict: adopt.Verdict,
+                     outage: str | None) -> outcome.AttemptEnd:
+        end = outcome.AttemptEnd(attempt=job.attempt, verdict=verdict.kind, exit_code=ended.exit_code,
+                                 status=verdict.result.get("status"), stopped=ended.stopped,
+                                 timed_out=ended.timed_out, heartbeat_lost=ended.heartbeat_lost,
+                                 why=verdict.why)
+        if verdict.kind != "none" or ended.heartbeat_lost:
+            return end
+        # Only a failure this worker records is explained: that may ask the tracking server, which takes
+        # seconds when it is down.
+        last = _last_line(job.log)
+        return dataclasses.replace(end, status=adopt.read_result(job.result).get("status"), last_line=last,
+                                   tracking_error=outage or _tracking_failure(last))
+
+    def _adopt(self, job: _Job, verdict: adopt.Verdict, base: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """The attempt's result is the cell's: COMPLETE, published as the cell's result.json."""
+        record = verdict.outcome(**base)
+        tid = job.trial._trial_id
+        settled = self.ledger.settle(tid, TrialState.COMPLETE, record, record["val_reward"])
+        if settled:
+            verdict.publish()
+        elif self.ledger.storage.get_trial(tid).state != TrialState.COMPLETE:
+            adopt.supersede(verdict.run_id, f"attempt {job.attempt} was failed by another process")
+        return settled, record
+
+    def _fail(self, job: _Job, verdict: adopt.Verdict, decided: outcome.Outcome,
+              base: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """The attempt is no result: its outcome noted, its cell re-queued if retried, the attempt failed."""
+        record = {**base, **decided.fields()}
+        tid = job.trial._trial_id
+        # Outcome, then the next attempt, then settle: a crash in between leaves the cell queued, and a worker
+        # popping the next attempt sees (by the outcome) that this one is on its way out, not a rival.
+        settled = self.ledger.note(tid, record)
+        if settled and decided.retry:
+            self.ledger.requeue(job.cell, settling=job.trial, failed=decided.counts_as_failure)
+        settled = settled and self.ledger.settle(tid, TrialState.FAIL)
+        if settled:
+            adopt.close_run(verdict.run_id, self.opts.study_name, job.cell, job.attempt, decided.run_status,
+                            record["error"])
+        return settled, record
 
     def _forks(self, per_job: int, cfg: dict[str, Any]) -> bool:
         """Whether this job is forked (harness.sweep.forkserver): a plain single-process CPU job only."""
         on_cpu = cfg.get("device") == "cpu" or (cfg.get("device") == "auto" and not self.opts.gpus
                                                 and not has_nvidia_devices())
-        return (self.opts.job_start == "fork" and per_job == 1 and on_cpu and "HARNESS_TRAIN_CMD" not in os.environ
-                and not (cfg.get("trl") or {}).get("use_vllm"))
+        return (self.opts.job_start == "fork" and per_job == 1 and on_cpu
+                and "HARNESS_TRAIN_CMD" not in os.environ and not (cfg.get("trl") or {}).get("use_vllm"))
 
     def _verdict(self, cell: str, attempt: int) -> tuple[adopt.Verdict, str | None]:
         """What the attempt came to; while MLflow cannot be asked, wait for it (unless stopping).
@@ -324,11 +405,13 @@ class Worker:
             self.stop.wait(max(self.opts.poll_s, 2.0))
 
     def _find(self, t: FrozenTrial) -> adopt.Verdict:
-        return adopt.find(self.opts.sweep_dir, self.opts.study_name, t.user_attrs[CELL], int(t.user_attrs[ATTEMPT]))
+        return adopt.find(self.opts.sweep_dir, self.opts.study_name, t.user_attrs[CELL],
+                          int(t.user_attrs[ATTEMPT]))
 
 
 class Heartbeat(threading.Thread):
-    """Refreshes the attempt's heartbeat; sets `lost` when the ledger says someone else settled the attempt."""
+    """Refreshes the attempt's heartbeat; sets `lost` when the ledger says another process settled the
+    attempt."""
 
     def __init__(self, ledger: Ledger, trial_id: int, interval: float):
         super().__init__(daemon=True, name="heartbeat")
@@ -358,23 +441,13 @@ def _last_line(log_path: Path) -> str:
         return ""
 
 
-def _tracking_failure(log_path: Path) -> str | None:
+def _tracking_failure(last_line: str) -> str | None:
     """One line naming the tracking server, when the job died of it (the server is down now, or the job's last
     words name it: MLflow's client says "API request to <server>/api/... failed")."""
     down = unreachable()
     if down:
         return down
     uri = tracking_uri()
-    last = _last_line(log_path)
-    if uri.startswith(("http://", "https://")) and uri.rstrip("/") in last:
-        return f"MLflow tracking server {uri} failed the job's request: {last[:200]}"
+    if uri.startswith(("http://", "https://")) and uri.rstrip("/") in last_line:
+        return f"MLflow tracking server {uri} failed the job's request: {last_line[:200]}"
     return None
-
-
-def _failure(rc: int, result: dict[str, Any], log_path: Path) -> str:
-    if rc < 0:
-        return f"killed by {signal.Signals(-rc).name}"
-    if rc == 0:
-        return f"exit 0 but result.json says status {result.get('status')!r}"
-    last = _last_line(log_path)
-    return f"exit {rc}" + (f": {last[:300]}" if last else "")

@@ -1,0 +1,117 @@
+"""MLflow side of a sweep: the parent run of each invocation, and runs left RUNNING by killed jobs.
+
+A job SIGKILLed with its worker cannot end its own MLflow run, and MLflow keeps such a run RUNNING for ever
+(it never learns that the process died), so the ledger, not MLflow, says what is running and which attempt is
+a cell's result: `tidy` brings MLflow in line when a sweep starts and when it ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from harness import contract, tracking
+from harness.sweep.ledger import HOST, Ledger
+from harness.sweep.processes import pid_start
+from harness.sweep.spec import Plan
+
+
+def open_experiment(plan: Plan) -> tuple[MlflowClient, str]:
+    """The study's experiment, described where the MLflow UI shows it: what it asks, at which scale, and the
+    question its analysis tests."""
+    client = tracking.client()
+    experiment_id = tracking.ensure_experiment(client, plan.experiment)
+    scale = plan.spec.scales[plan.scale]
+    h = plan.hypothesis
+    about = (f"{plan.spec.description}\n\nScale {plan.scale}: {scale.description}\n\nDeclared question: "
+             f"{h.measure}, each objective against {h.baseline or 'the first objective'}, {h.contrast} over "
+             f"{h.cells}, alpha {h.alpha:g}, equivalence margin {h.margin:g}."
+             + (f" Confirms the exploration {scale.confirms} on fresh seeds." if scale.confirms else ""))
+    for key, value in {contract.DESCRIPTION: about, "mlflow.note.content": about,
+                       contract.HYPOTHESIS: h.model_dump_json()}.items():
+        client.set_experiment_tag(experiment_id, key, value)
+    return client, experiment_id
+
+
+def start_parent(client: MlflowClient, experiment_id: str, plan: Plan, options: dict[str, Any]) -> str:
+    """One parent run per `sweep` invocation; jobs nest their runs under it with --parent-run-id."""
+    tags = {contract.SWEEP: "true", contract.STUDY: plan.study, contract.SCALE: plan.scale,
+            contract.HOST: HOST, contract.PID: str(os.getpid()),
+            contract.PID_START: str(pid_start(os.getpid())),
+            "mlflow.note.content": plan.spec.description, **tracking.git_state()}
+    run = client.create_run(experiment_id,
+                            run_name=f"sweep {plan.experiment} {time.strftime('%Y-%m-%d %H:%M')}", tags=tags)
+    params = {"spec": str(plan.spec_path), "scale": plan.scale, "cells": str(len(plan.cells)),
+              "rollout_batches": str(plan.base["rollout_batches"]), "seeds": json.dumps(plan.seeds),
+              "axes": json.dumps(plan.axes)[:6000],
+              "scale_description": plan.spec.scales.get(plan.scale).description,
+              **{k: str(v) for k, v in options.items()}}
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, v)
+    client.log_artifact(run.info.run_id, str(plan.spec_path))
+    for extended in sorted({e for e in (plan.spec.extends, plan.spec.scales[plan.scale].extends) if e}):
+        client.log_artifact(run.info.run_id, str(plan.spec_path.parent / extended), "extends")
+    return run.info.run_id
+
+
+def end_parent(client: MlflowClient, run_id: str, status: str, counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        client.log_metric(run_id, f"cells/{k}", v)
+    client.set_terminated(run_id, status)
+
+
+def tidy(client: MlflowClient, experiment_id: str, ledger: Ledger) -> dict[str, list[str]]:
+    """Make MLflow say what the ledger says; called only by the sweep's one driver, at its start and its end.
+
+    - A sweep run left RUNNING whose attempt is not live in the ledger: KILLED, or FINISHED when the ledger
+      adopted that attempt as the cell's result (its job was killed between its last metric and its run's
+      end).
+    - Any other parent run left RUNNING: a dead driver's, KILLED.
+    - A complete/diverged run of a cell whose counted attempt is another one: tagged
+      harness.status=superseded, so that the analysis finds exactly one result per cell (only a worker cut off
+      from the ledger, whose attempt was failed meanwhile, can leave one).
+    """
+    live, counted = ledger.live_attempts(), ledger.completed_attempts()
+    done: dict[str, list[str]] = {"killed": [], "finished": [], "superseded": []}
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=10000):
+        tags = run.data.tags
+        if tags.get(contract.SWEEP) == "true":
+            _close(client, run.info.run_id, "KILLED", None)
+            done["killed"].append(run.info.run_id)
+            continue
+        key = _attempt(tags)
+        if key is None or key in live:
+            continue  # not a sweep's run (none of our business), or still running
+        if counted.get(key[0]) == key[1]:
+            _close(client, run.info.run_id, "FINISHED", None)
+            done["finished"].append(run.info.run_id)
+        else:
+            still_running = tags.get(contract.STATUS) == contract.RUNNING
+            _close(client, run.info.run_id, "KILLED", contract.KILLED if still_running else None)
+            done["killed"].append(run.info.run_id)
+    for status in contract.FINISHED:
+        for run in client.search_runs([experiment_id], filter_string=f"tags.`{contract.STATUS}` = '{status}'",
+                                      max_results=10000):
+            key = _attempt(run.data.tags)
+            if key is not None and key[0] in counted and counted[key[0]] != key[1]:
+                client.set_tag(run.info.run_id, contract.STATUS, contract.SUPERSEDED)
+                client.set_tag(run.info.run_id, contract.SUPERSEDED_WHY,
+                               f"the ledger counts attempt {counted[key[0]]}")
+                done["superseded"].append(run.info.run_id)
+    return done
+
+
+def _attempt(tags: dict[str, str]) -> tuple[str, int] | None:
+    """(cell, attempt) of a sweep's job run; None for a run no sweep made."""
+    identity = contract.RunIdentity.from_tags(tags)
+    return None if identity is None else (identity.cell, identity.attempt)
+
+
+def _close(client: MlflowClient, run_id: str, status: str, status_tag: str | None) -> None:
+    if status_tag:
+        client.set_tag(run_id, contract.STATUS, status_tag)
+    client.set_terminated(run_id, status)
