@@ -76,8 +76,8 @@ def test_the_expensive_build_runs_once_per_distinct_trl_section_and_shape(monkey
     real = checks._build
     monkeypatch.setattr(checks, "_BUILT", {})
     monkeypatch.setattr(checks, "_build", lambda cfg, shape: calls.append(shape) or real(cfg, shape))
-    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy")
-    assert len(plan.cells) == 24 and len(calls) == len(set(calls)) == 4  # batch_ratio x iterations
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy-full")
+    assert len(plan.cells) == 96 and len(calls) == len(set(calls)) == 16  # batch_ratio x iterations
 
 
 def test_paths_must_be_writable_folders(tmp_path):

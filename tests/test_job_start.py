@@ -24,7 +24,7 @@ TINY = ["rollout_batches=2", "batch_ratio=[2]", "iterations=[2]", "seed=[0]", "p
         "proxy.hidden_size=32", "proxy.intermediate_size=64", "proxy.num_hidden_layers=1", "val_prompts=8",
         "eval_every=1", "generation_batch_size=16", "trl.num_generations=4", "trl.per_device_train_batch_size=4",
         "trl.max_completion_length=24"]
-STUDY = "grpo-vs-cfpo/proxy"
+STUDY = "grpo-vs-cfpo/proxy-full"
 CLOCKS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}  # TRL's timings
 
 
@@ -34,7 +34,7 @@ def sweep(tmp_path: Path, how: str, extra: list[str], wait: bool = True, args: t
            "HARNESS_CACHE": str(tmp_path / "cache")}
     for key in ("HARNESS_TRAIN_CMD", "HARNESS_RESULTS"):
         env.pop(key, None)
-    argv = [sys.executable, "-m", "harness", "sweep", "grpo-vs-cfpo", "--scale", "proxy", "--results-dir",
+    argv = [sys.executable, "-m", "harness", "sweep", "grpo-vs-cfpo", "--scale", "proxy-full", "--results-dir",
             str(results), "--job-start", how, *args, *[a for s in [*TINY, *extra] for a in ("--set", s)]]
     if not wait:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), results
@@ -56,11 +56,11 @@ def histories(uri: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 
 def tables(env: dict[str, str], results: Path) -> dict[str, str]:
-    done = subprocess.run([sys.executable, "-m", "analysis", "tables", "grpo-vs-cfpo", "--scale", "proxy",
+    done = subprocess.run([sys.executable, "-m", "analysis", "tables", "grpo-vs-cfpo", "--scale", "proxy-full",
                            "--results-dir", str(results)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     out = {}
-    for path in sorted((results / "grpo-vs-cfpo" / "proxy" / "tables").iterdir()):
+    for path in sorted((results / "grpo-vs-cfpo" / "proxy-full" / "tables").iterdir()):
         text = path.read_text()
         ids = {"cells.csv": "run_ids", "runs.csv": "run_id"}.get(path.name)
         if ids:  # run ids are random per run: blank them, keep everything else
@@ -80,7 +80,7 @@ def test_forked_jobs_log_the_same_numbers_as_execd_jobs(tmp_path):
     env_f, results_f = sweep(tmp_path, "fork", [])
     env_e, results_e = sweep(tmp_path, "exec", [])
     logs = {how: [p.read_text().splitlines()[0]
-                  for p in (r / "grpo-vs-cfpo" / "proxy" / "jobs").glob("*/attempt-1.log")]
+                  for p in (r / "grpo-vs-cfpo" / "proxy-full" / "jobs").glob("*/attempt-1.log")]
             for how, r in (("fork", results_f), ("exec", results_e))}
     assert len(logs["fork"]) == 2 and all(line.endswith("(forked)") for line in logs["fork"]), logs
     assert len(logs["exec"]) == 2 and not any(line.endswith("(forked)") for line in logs["exec"]), logs
@@ -104,7 +104,7 @@ def test_forked_job_dies_with_its_worker(tmp_path):
     The driver only enqueues (--workers 0) and is killed first, so no reaper is left to stop the job for it."""
     driver, results = sweep(tmp_path, "fork", ["rollout_batches=200", "batch_ratio=[1]", "iterations=[1]",
                                                "objective=[grpo]"], wait=False, args=("--workers", "0"))
-    ledger_path = results / "grpo-vs-cfpo" / "proxy" / "ledger.journal"
+    ledger_path = results / "grpo-vs-cfpo" / "proxy-full" / "ledger.journal"
     worker = None
     try:
         deadline = time.time() + 120
@@ -115,7 +115,7 @@ def test_forked_job_dies_with_its_worker(tmp_path):
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fork' / 'mlflow.db'}",
                "HARNESS_CACHE": str(tmp_path / "cache")}
         env.pop("HARNESS_TRAIN_CMD", None)
-        worker = subprocess.Popen([sys.executable, "-m", "harness", "worker", "grpo-vs-cfpo", "--scale", "proxy",
+        worker = subprocess.Popen([sys.executable, "-m", "harness", "worker", "grpo-vs-cfpo", "--scale", "proxy-full",
                                    "--results-dir", str(results), "--job-start", "fork"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline, job = time.time() + 240, None

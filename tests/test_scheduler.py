@@ -70,13 +70,13 @@ def test_the_queue_reads_the_scale_from_the_ledger(tmp_path, reference, order):
 
 
 def test_a_ledger_without_a_recorded_scale_falls_back_to_its_study_name(tmp_path):
-    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy", [])
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy-full", [])
     for name, reference in (("unit/proxy", PROXY_REFERENCE_S), ("unit/paper", None), ("unit/other", None)):
         ledger = Ledger(open_storage(str(tmp_path / "ledger.journal")), name, create=True)
         assert ledger.scale == name.split("/")[1] and ledger.reference_s == reference
     recorded = Ledger(open_storage(str(tmp_path / "ledger.journal")), "unit/x", create=True,
                       scale=plan.ledger_scale())
-    assert recorded.scale == "proxy" and recorded.reference_s == plan.reference_s == PROXY_REFERENCE_S
+    assert recorded.scale == "proxy-full" and recorded.reference_s == plan.reference_s == PROXY_REFERENCE_S
 
 
 def test_fit_follows_the_machine_and_refuses_what_it_cannot_fit():
@@ -100,7 +100,7 @@ def test_cost_counts_passes_not_steps():
 
 
 def test_plan_order_is_the_queue_order():
-    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy", [])
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy-full", [])
     keys = [(-c.cost, c.axes["seed"]) for c in plan.cells]
     assert keys == sorted(keys)
     first = plan.cells[:2]  # the two objectives of the heaviest cell of the first seed, side by side

@@ -35,8 +35,8 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
     env.pop("HARNESS_TRAIN_CMD", None)
     env.pop("HARNESS_RESULTS", None)
     sets = [a for s in TINY for a in ("--set", s)]
-    argv = ["sweep", "grpo-vs-cfpo", "--scale", "proxy", "--workers", "2", "--results-dir", str(results), *sets]
-    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy", TINY)
+    argv = ["sweep", "grpo-vs-cfpo", "--scale", "proxy-full", "--workers", "2", "--results-dir", str(results), *sets]
+    plan = make_plan(*load_spec("grpo-vs-cfpo"), "proxy-full", TINY)
     cells = {c.hash: c for c in plan.cells}
     assert len(cells) == 4 and {c.axes["objective"] for c in plan.cells} == {"grpo", "cfpo"}
 
@@ -44,15 +44,15 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     used = re.search(r"worker utilisation (\d+)% of 2 x ", first.stdout)  # busy worker-seconds / (workers x wall)
     assert used and 0 < int(used.group(1)) <= 100, first.stdout
-    sweep_dir = results / "grpo-vs-cfpo" / "proxy"
-    ledger = Ledger(open_storage(str(sweep_dir / "ledger.journal")), "grpo-vs-cfpo/proxy", create=False)
+    sweep_dir = results / "grpo-vs-cfpo" / "proxy-full"
+    ledger = Ledger(open_storage(str(sweep_dir / "ledger.journal")), "grpo-vs-cfpo/proxy-full", create=False)
     assert {c.hash: (c.state, c.attempt) for c in ledger.cells()} == {h: ("complete", 1) for h in cells}
     for h in cells:
         assert (sweep_dir / "jobs" / h / "result.json").is_file()
         assert (sweep_dir / "jobs" / h / "attempt-1.log").is_file()
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("grpo-vs-cfpo/proxy")
+    exp = client.get_experiment_by_name("grpo-vs-cfpo/proxy-full")
     assert exp is not None and exp.artifact_location.startswith("file://")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("harness.sweep") == "true"]
@@ -63,7 +63,8 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
         t = r.data.tags
         assert r.info.status == "FINISHED" and t["harness.status"] in ("complete", "diverged")
         assert t["mlflow.parentRunId"] == parents[0].info.run_id
-        assert t["harness.study"] == "grpo-vs-cfpo" and t["harness.scale"] == "proxy" and t["harness.attempt"] == "1"
+        assert t["harness.study"] == "grpo-vs-cfpo" and t["harness.scale"] == "proxy-full"
+        assert t["harness.attempt"] == "1"
         # The job's own config hash is the sweep's cell identity: the ledger and MLflow name the same thing.
         assert t["harness.config_hash"] == t["harness.cell"] and t["harness.cell"] in cells
         assert r.data.params["rollout_batches"] == "2"
@@ -92,14 +93,14 @@ def test_a_study_without_gradient_clipping_still_gets_its_verdict(tmp_path):
     env.pop("HARNESS_TRAIN_CMD", None)
     env.pop("HARNESS_RESULTS", None)
     sets = [a for s in [*TINY, "trl.max_grad_norm=0"] for a in ("--set", s)]
-    done = harness(env, "sweep", "grpo-vs-cfpo", "--scale", "proxy", "--workers", "2", "--results-dir", str(results),
-                   *sets)
+    done = harness(env, "sweep", "grpo-vs-cfpo", "--scale", "proxy-full", "--workers", "2", "--results-dir",
+                   str(results), *sets)
     assert done.returncode == 0, done.stdout + done.stderr
-    figures = subprocess.run([sys.executable, "-m", "analysis", "figures", "grpo-vs-cfpo", "--scale", "proxy",
+    figures = subprocess.run([sys.executable, "-m", "analysis", "figures", "grpo-vs-cfpo", "--scale", "proxy-full",
                               "--results-dir", str(results)], env=env, capture_output=True, text=True, timeout=300)
     assert figures.returncode == 0, figures.stdout + figures.stderr
     assert "primary (auc_val, mean over 2x1): cfpo - grpo" in figures.stdout
-    study = results / "grpo-vs-cfpo" / "proxy"
+    study = results / "grpo-vs-cfpo" / "proxy-full"
     readme = (study / "README.md").read_text()
     assert "## Verdict" in readme and "max_grad_norm 0.0; how often it acted was not logged (n/a)" in readme
     assert "grad_clipped" in readme.split("Not logged by any run")[1]

@@ -29,13 +29,24 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
     return path
 
 
-def test_repo_spec_proxy_grid():
+def test_repo_spec_proxy_is_the_confirmation_of_proxy_full():
     spec, path = load_spec("grpo-vs-cfpo")
     plan = make_plan(spec, path, "proxy")
-    assert plan.experiment == "grpo-vs-cfpo/proxy"
-    assert len(plan.cells) == 2 * 2 * 2 * 3  # objective x batch_ratio [1,4] x iterations [1,4] x 3 seeds
-    assert {c.config.rollout_batches for c in plan.cells} == {30}  # one budget: cells differ only in reuse
+    assert plan.experiment == "grpo-vs-cfpo/proxy" and plan.confirms == "proxy-full"
+    cells = {(c.axes["objective"], c.config.batch_ratio, c.config.iterations, c.axes["seed"]) for c in plan.cells}
+    # the contrast cell on 10 fresh seeds, the on-policy control on 2
+    assert cells == ({(o, 4, 8, s) for o in ("grpo", "cfpo") for s in range(100, 110)}
+                     | {(o, 1, 1, s) for o in ("grpo", "cfpo") for s in (100, 101)})
+    assert {c.config.rollout_batches for c in plan.cells} == {25}  # one budget: cells differ only in reuse
+    assert plan.hypothesis.cells == [(4, 8)] and spec.hypothesis.cells == "off-policy"
     assert all(c.config.experiment == "grpo-vs-cfpo/proxy" for c in plan.cells)
+    # the contrast cell is the exploration's job but for its seed and budget
+    full = {(c.config.batch_ratio, c.config.iterations, c.config.objective): c.config
+            for c in make_plan(spec, path, "proxy-full").cells if c.axes["seed"] == 0}
+    for c in plan.cells:
+        other = full[(c.config.batch_ratio, c.config.iterations, c.config.objective)]
+        assert c.config.model_dump(exclude={"seed", "rollout_batches", "experiment"}) == \
+            other.model_dump(exclude={"seed", "rollout_batches", "experiment"})
     # The paper scale has the full 4x4 grid for both objectives and three seeds, on GPUs.
     assert spec.scales["paper"].device == "cuda" and plan.device == "cpu"
     from harness.tasks import TASKS
@@ -248,7 +259,8 @@ def test_repo_proxy_scale_uses_the_calibrated_proxy_config():
         assert cell.config.proxy == calibrated.proxy
         assert cell.config.task == calibrated.task and cell.config.generation_batch_size == 64
         for knob, value in calibrated.trl.items():
-            assert cell.config.trl[knob] == value, knob
+            if knob != "per_device_train_batch_size":  # the micro-batch (8, as in proxy-full); batch_ratio sets
+                assert cell.config.trl[knob] == value, knob  # the optimizer batch
 
 
 @pytest.mark.parametrize("spec_file", sorted(p.name for p in (REPO / "sweeps").glob("*.yaml")))
@@ -269,8 +281,8 @@ def test_full_grid_scale_is_the_papers_grid_at_the_proxy_budget(tmp_path, monkey
         (b, i) for b in (1, 2, 4, 8) for i in (1, 2, 4, 8)}
     q = quick.cells[0].config
     for c in full.cells:
-        assert (c.config.proxy, c.config.task, c.config.rollout_batches) == (
-            q.proxy, q.task, q.rollout_batches)
+        assert (c.config.proxy, c.config.task, c.config.trl) == (q.proxy, q.task, q.trl)
+        assert c.config.rollout_batches == 30 and q.rollout_batches == 25  # the confirmation: a prefix
         assert c.config.eval_every == q.eval_every and c.config.val_prompts == q.val_prompts
     monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
     assert main(["sweep", "cfpo-grad-clip", "--scale", "proxy-full", "--dry-run"]) == 2
@@ -459,3 +471,38 @@ def test_repo_sweeps_extend_the_shared_job_configs():
                 assert scale["extends"] == "../configs/proxy.yaml", (f.name, name)
     paper = load_config(REPO / "configs" / "paper.yaml")
     assert paper.model == "Qwen/Qwen2.5-0.5B-Instruct" and paper.rollout_batches == 200
+
+
+def confirming(tmp_path, **scale):
+    grid = {"base": {"rollout_batches": 2}, "axes": {"iterations": [1, 2]}}
+    spec = {**TINY, "scales": {**TINY["scales"], "explore": {**grid, "seeds": [0, 1]},
+                               "confirm": {**grid, "confirms": "explore", **scale}}}
+    return write_spec(tmp_path, spec)
+
+
+def test_a_confirmation_reusing_exploration_seeds_is_refused(tmp_path, capsys):
+    """One line, exit 2, for a spec whose confirmatory seeds overlap the exploration's, a --set seed that does,
+    and a confirms: naming no scale; fresh seeds plan, with on_policy_seeds thinning the on-policy cells."""
+    from harness.cli import main
+
+    for scale, message in [({"seeds": [1, 7]}, "scales.confirm.seeds: [1] also seed the exploration 'explore'"),
+                           ({"seeds": [7], "confirms": "nosuch"}, "confirms 'nosuch': allowed: another scale"),
+                           ({}, "[0, 1] also seed the exploration")]:  # the sweep's seeds [0, 1] by default
+        assert main(["sweep", str(confirming(tmp_path, **scale)), "--scale", "confirm", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    path = confirming(tmp_path, seeds=[7, 8, 9], on_policy_seeds=1)
+    argv = ["sweep", str(path), "--scale", "confirm", "--dry-run", "--set", "seed=[1, 7]"]
+    assert main(argv) == 2 and "--set seed: [1] also seed the exploration" in capsys.readouterr().err
+    plan = make_plan(*load_spec(str(path)), "confirm")
+    seeds = {(c.config.batch_ratio, c.config.iterations): set() for c in plan.cells}
+    for c in plan.cells:
+        seeds[(c.config.batch_ratio, c.config.iterations)].add(c.axes["seed"])
+    assert seeds == {(1, 1): {7}, (1, 2): {7, 8, 9}, (2, 1): {7, 8, 9}, (2, 2): {7, 8, 9}}
+
+
+def test_a_scale_axis_replaces_the_sweep_axes_over_the_same_fields(tmp_path):
+    spec = {**TINY, "scales": {**TINY["scales"], "proxy": {"base": {"rollout_batches": 2},
+                                                            "axes": {"batch_ratio+iterations": [[1, 1], [2, 2]]}}}}
+    plan = make_plan(*load_spec(str(write_spec(tmp_path, spec))), "proxy")
+    assert {(c.config.batch_ratio, c.config.iterations) for c in plan.cells} == {(1, 1), (2, 2)}
