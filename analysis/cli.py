@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name", help="study name (the sweep's study, e.g. grpo-vs-cfpo)")
         _common(p)
         p.add_argument("--cache-dir", default=None, help="per-run parquet cache (default RESULTS_DIR/NAME/SCALE/cache)")
-        p.add_argument("--offline", action="store_true", help="read the cache only, never MLflow")
+        p.add_argument("--offline", "--from-published", dest="offline", action="store_true",
+                       help="read the published runs (RESULTS_DIR/NAME/SCALE/runs/) only, never MLflow")
         p.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                        help="override a collapse rule threshold, e.g. --rule val_drop=0.4 (see analysis/collapse.py)")
         p.add_argument("--baseline", default=None, metavar="OBJECTIVE",

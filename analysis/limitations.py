@@ -16,6 +16,7 @@ from analysis.load import StudyData
 from analysis.metrics import CURVES, TABLE_KEYS
 from analysis.paired import NEGATIVE_CONTROLS
 from analysis.question import Declared
+from analysis.verdicts import contrast_cells
 
 
 def _param(params: list[dict[str, str]], key: str) -> list[str]:
@@ -65,11 +66,19 @@ def limitation_lines(data: StudyData, summaries: pd.DataFrame, declared: Declare
                  f"- Negative control: none ran ({', '.join(NEGATIVE_CONTROLS)}, no trust region, was not in the "
                  "study), so nothing here shows that the setting exercises trust regions at all.")
     seeds = summaries.groupby(["objective", "batch_ratio", "iterations"])["seed"].nunique()
-    n = int(seeds.min()) if len(seeds) else 0
+    # What the verdict can show depends on the seeds of the cells it contrasts (a control cell may have fewer).
+    present = {(int(b), int(i)) for b, i in zip(summaries["batch_ratio"], summaries["iterations"])}
+    contrast = set(contrast_cells(present, declared.hypothesis)) or present
+    at = seeds[[(b, i) in contrast for _, b, i in seeds.index]]
+    n = int(at.min()) if len(at) else 0
     floor = 2 / 2 ** n if n else 1.0
     alpha = declared.hypothesis.alpha
     needed = next(k for k in range(1, 64) if 2 / 2 ** k < alpha)
-    lines.append(f"- Seeds: {n} per cell and objective{'' if seeds.nunique() <= 1 else ' (at least)'}; the smallest "
+    rest = seeds[[(b, i) not in contrast for _, b, i in seeds.index]]
+    where = "per cell and objective" if seeds.nunique() <= 1 or rest.empty else (
+        f"per objective at the contrast cells ({', '.join(f'{b}x{i}' for b, i in sorted(contrast))}; "
+        f"{'-'.join(dict.fromkeys(str(int(x)) for x in (rest.min(), rest.max())))} at the others)")
+    lines.append(f"- Seeds: {n} {where}{'' if at.nunique() <= 1 else ' (at least)'}; the smallest "
                  f"sign-flip p that {n} seeds can reach is {floor:.3g}" + (
                      f", so no difference can be claimed at alpha {alpha:g} ({needed} seeds are the least that can)"
                      if floor >= alpha else "") + ".")

@@ -26,6 +26,7 @@ class Declared:
     learning_rate_from: str  # "" when the sweep file does not say
     exploration: str | None = None  # the exploratory scale a confirmatory scale confirms
     exploration_seeds: tuple[int, ...] = ()
+    confirmed_by: tuple[str, ...] = ()  # the confirmatory scales that test what this (exploratory) scale suggested
 
 
 def find_spec(study: str, spec: str | Path | None) -> Path | None:
@@ -65,4 +66,5 @@ def declared(study: str, spec: str | Path | None = None, scale: str | None = Non
     exploration = own.get("confirms")
     explored = scales.get(exploration) if isinstance(scales.get(exploration), dict) else {}
     seeds = tuple(explored.get("seeds") or raw.get("seeds") or ()) if exploration else ()
-    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""), exploration, seeds)
+    confirmed_by = tuple(n for n, s in scales.items() if isinstance(s, dict) and s.get("confirms") == scale)
+    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""), exploration, seeds, confirmed_by)

@@ -50,6 +50,10 @@ def question_lines(declared: Declared, baseline: str | None, agg: pd.DataFrame, 
         confirm = [f"- **Confirmatory**: this scale tests the hypothesis the exploration "
                    f"[{declared.exploration}](../{declared.exploration}/README.md) suggested, on seeds none of its "
                    f"runs used (the exploration's: {explored}); the verdict uses this scale's runs only."]
+    for name in declared.confirmed_by:
+        confirm.append(f"- **Exploratory**: what this study suggests is tested on fresh seeds by the confirmation "
+                       f"[{name}](../{name}/README.md), with its own declared question; read these verdicts as "
+                       "where to look, that one as the answer.")
     return [f"Declared in `{declared.source}`" + (f"; baseline set to {baseline} on the command line" if overridden
                                                   else "") + ":",
             f"- Primary measure: **{MEASURE_LABELS[h.measure]}**, each objective against **{baseline}**.",

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from harness import contract
 from harness.config import ConfigError
 
 READY_TIMEOUT_S = 120.0  # the MLflow server took 9-16 s to answer /health on 2 cores
@@ -131,16 +132,16 @@ def ledger_storage(name: str, scale: str, storage: str | None, results_dir: str 
     spec, path = load_spec(name)
     results = results_root()
     if scale == "auto":  # the scale whose ledger is here, if only one is
-        here = [s for s in spec.scales if (results / spec.study / s / "ledger.journal").is_file()]
+        here = [s for s in spec.scales if contract.ledger_path(results, spec.study, s).is_file()]
         scale = here[0] if len(here) == 1 and storage is None else pick_scale(spec, path, "auto")[0]
     else:
         scale_spec(spec, path, scale)  # one the spec defines
-    journal = results / spec.study / scale / "ledger.journal"
+    journal = contract.ledger_path(results, spec.study, scale)
     url = check_storage(storage, journal)
     if storage is None and not journal.is_file():
         raise ConfigError(f"{journal}: no ledger; start the sweep with `python -m harness sweep {name} "
                           f"--scale {scale}` (or give --storage / --results-dir)")
-    return url, f"{spec.study}/{scale}"
+    return url, contract.experiment_name(spec.study, scale)
 
 
 def _dashboard(args: argparse.Namespace) -> int:

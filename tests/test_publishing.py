@@ -107,3 +107,27 @@ def test_report_attached_to_the_sweep_run_and_published_runs_import_once(publish
     assert copy.data.tags["objective"] == original.data.tags["objective"]
     assert [m.value for m in browse.get_metric_history(copy.info.run_id, "val/reward")] == \
         [m.value for m in client.get_metric_history(original.info.run_id, "val/reward")]
+
+
+def test_the_confirmatory_report_names_its_exploration_and_tests_its_own_question(tmp_path, capsys):
+    """A scale with `confirms:` is analysed with its own hypothesis, and its report links the exploration it came
+    from (and the exploration's report links its confirmation)."""
+    import yaml
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_study(uri, "q", scale="confirm", cells=[(1, 1), (2, 2), (4, 4)], seeds=(5, 6), rollout_batches=10)
+    make_study(uri, "q", scale="explore", cells=[(1, 1), (2, 2), (4, 4)], seeds=(0, 1), rollout_batches=10)
+    spec = tmp_path / "q.yaml"
+    spec.write_text(yaml.safe_dump({
+        "study": "q", "hypothesis": {"cells": "off-policy"},
+        "scales": {"explore": {"seeds": [0, 1]},
+                   "confirm": {"confirms": "explore", "seeds": [5, 6], "hypothesis": {"cells": [[4, 4]]}}}}))
+    common = ["--results-dir", str(tmp_path / "out"), "--tracking-uri", uri, "--spec", str(spec)]
+    assert main(["figures", "q", "--scale", "confirm", *common]) == 0
+    assert "mean over 4x4" in capsys.readouterr().out  # the scale's own question, not the sweep's
+    readme = (tmp_path / "out" / "q" / "confirm" / "README.md").read_text()
+    assert "**Confirmatory**" in readme and "[explore](../explore/README.md)" in readme
+    assert "(the exploration's: 0, 1)" in readme and "(scales.confirm.hypothesis)" in readme
+    assert main(["figures", "q", "--scale", "explore", *common]) == 0
+    explored = (tmp_path / "out" / "q" / "explore" / "README.md").read_text()
+    assert "**Exploratory**" in explored and "[confirm](../confirm/README.md)" in explored

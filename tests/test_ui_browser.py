@@ -19,7 +19,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 # These flags let Debian's chromium run headless in a container (Playwright's own browser download fails here).
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-STUDY = "grpo-vs-cfpo/proxy"
+STUDY = "grpo-vs-cfpo/proxy-full"
 RUN_NAME = "cfpo-br2-it1-s0"
 # One cell of the repo's sweep on the conftest's tiny job: its proxy (built once per session, shared with the
 # job tests) is warm-started until some answers are right, so the reward, ratio and gradient curves move.
@@ -52,7 +52,7 @@ def test_mlflow_ui_shows_a_cell_runs_metrics(harness_env, tmp_path):
     env.pop("MLFLOW_TRACKING_URI")
     env.pop("HARNESS_TRAIN_CMD", None)
     sets = [a for s in CELL for a in ("--set", s)]
-    sweep = run_harness(["sweep", "grpo-vs-cfpo", "--scale", "proxy", "--workers", "1", *sets], env, timeout=300)
+    sweep = run_harness(["sweep", "grpo-vs-cfpo", "--scale", "proxy-full", "--workers", "1", *sets], env, timeout=300)
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     store = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
     exp = store.get_experiment_by_name(STUDY)

@@ -18,7 +18,7 @@ import pytest
 from harness.ui import stop_process_group, wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
-STUDY = "grpo-vs-cfpo/proxy"
+STUDY = "grpo-vs-cfpo/proxy-full"
 # Both objectives at batch_ratio 2 (off-policy: the ratio is measured), one seed, two rollout batches of a
 # 1-layer proxy: seconds per job. max_steps = rollout_batches x batch_ratio x iterations = 4.
 TINY = ["objective=[grpo,cfpo]", "batch_ratio=2", "iterations=1", "seed=0", "rollout_batches=2", "eval_every=1",
@@ -83,7 +83,7 @@ def served_sweep(tmp_path_factory, proxy_cache):
                "HARNESS_CACHE": str(proxy_cache)}
         env.pop("HARNESS_TRAIN_CMD", None)
         sets = [a for s in TINY for a in ("--set", s)]
-        sweep = subprocess.run([sys.executable, "-m", "harness", "sweep", "grpo-vs-cfpo", "--scale", "proxy",
+        sweep = subprocess.run([sys.executable, "-m", "harness", "sweep", "grpo-vs-cfpo", "--scale", "proxy-full",
                                 "--workers", "1", "--results-dir", str(results), *sets],
                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert sweep.returncode == 0, sweep.stdout + sweep.stderr
@@ -108,7 +108,7 @@ def test_sweep_over_http_is_served_by_the_rest_api(served_sweep):
     parent = parents[0]
     assert parent["info"]["status"] == "FINISHED"
 
-    sweep_dir = results / "grpo-vs-cfpo" / "proxy"
+    sweep_dir = results / "grpo-vs-cfpo" / "proxy-full"
     assert {tags(r)["objective"] for r in children} == {"grpo", "cfpo"}
     for run in children:
         t, info = tags(run), run["info"]
@@ -146,8 +146,8 @@ def test_dashboard_serves_the_sweeps_ledger(served_sweep, tmp_path):
     port = free_port()
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "harness.ui", "dashboard", "grpo-vs-cfpo", "--scale", "proxy",
-                                 "--results-dir", str(results), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "harness.ui", "dashboard", "grpo-vs-cfpo", "--scale",
+                                 "proxy-full", "--results-dir", str(results), "--port", str(port)],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -159,7 +159,7 @@ def test_dashboard_serves_the_sweeps_ledger(served_sweep, tmp_path):
         assert len(trials) == 2 and {t["state"] for t in trials} == {"Complete"}
         cells = {json.loads(a["value"]) if a["value"].startswith('"') else a["value"]
                  for t in trials for a in t["user_attrs"] if a["key"] == "harness.cell"}
-        jobs = {p.name for p in (results / "grpo-vs-cfpo" / "proxy" / "jobs").iterdir()}
+        jobs = {p.name for p in (results / "grpo-vs-cfpo" / "proxy-full" / "jobs").iterdir()}
         assert cells == jobs
         with urllib.request.urlopen(f"{base}/dashboard/", timeout=30) as r:
             assert r.status == 200 and b"<html" in r.read().lower()

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from harness import contract
 from harness.config import ConfigError
 
 
@@ -157,11 +158,11 @@ def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
     results = _results(args)
     scale = args.scale
     if scale == "auto":  # the scale whose ledger is here, if only one is
-        here = [s for s in spec.scales if (results / spec.study / s / "ledger.journal").is_file()]
+        here = [s for s in spec.scales if contract.ledger_path(results, spec.study, s).is_file()]
         scale = here[0] if len(here) == 1 and args.storage is None else pick_scale(spec, path, "auto")[0]
     else:
         scale_spec(spec, path, scale)  # one the spec defines
-    ledger = results / spec.study / scale / "ledger.journal"
+    ledger = contract.ledger_path(results, spec.study, scale)
     storage = check_storage(args.storage, ledger)
     if args.storage is None and not ledger.is_file():
         raise ConfigError(f"{ledger}: no ledger; start the sweep with `python -m harness sweep {args.name} "
@@ -180,7 +181,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     study, scale, results, storage = _existing(args)
     # the driver's setting
-    per_job = Ledger(open_storage(storage), f"{study}/{scale}", create=False).gpus_per_job
+    per_job = Ledger(open_storage(storage), contract.experiment_name(study, scale), create=False).gpus_per_job
     name = args.worker_name or f"{HOST}-{os.getpid()}"
     opts = WorkerOptions(storage=storage, study=study, scale=scale, results=str(results), name=name,
                          job_start=args.job_start)
@@ -209,11 +210,11 @@ def _status(args: argparse.Namespace) -> int:
     from harness.sweep.ledger import Ledger, open_storage
 
     study, scale, results, storage = _existing(args)
-    cells = Ledger(open_storage(storage), f"{study}/{scale}", create=False).cells()
+    cells = Ledger(open_storage(storage), contract.experiment_name(study, scale), create=False).cells()
     out = console()
-    out.print(status_table(cells, f"{study}/{scale} ({storage})", results / study / scale))
+    out.print(status_table(cells, f"{study}/{scale} ({storage})", contract.sweep_dir(results, study, scale)))
     states = [c.state for c in cells]
     out.print(", ".join(f"{states.count(s)} {s}" for s in
-                        ("complete", "diverged", "running", "queued", "failed", "interrupted") if s in states)
+                        (*contract.FINISHED, contract.RUNNING, "queued", contract.FAILED, "interrupted") if s in states)
               or "no cells")
     return 0

@@ -380,7 +380,7 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
     if "rollout_batches" not in base:
         raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must "
                           "be explicit); set it in base, in the scale or in the job config it extends")
-    experiment = f"{spec.study}/{scale}"
+    experiment = contract.experiment_name(spec.study, scale)
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     for seed in seeds:
