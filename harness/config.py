@@ -208,6 +208,19 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def read_mapping(file: Path, where: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; a ConfigError naming `where` otherwise."""
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot be read ({e}); allowed: a readable YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of field: value")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     raw: dict[str, Any] = {}
     source = "overrides"
@@ -216,14 +229,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read ({e}); allowed: a readable YAML file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of field: value")
+        raw = read_mapping(path, str(path))
     return build_config(deep_merge(raw, parse_overrides(list(overrides))), source)
 
 

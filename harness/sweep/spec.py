@@ -44,6 +44,7 @@ from harness.config import (
     config_hash,
     deep_merge,
     parse_value,
+    read_mapping,
 )
 from harness.hypothesis import Hypothesis
 from harness.sweep.cost import PROXY_REFERENCE_S, cell_cost
@@ -457,14 +458,7 @@ def _job_config(path: Path, prefix: str, target: str) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"{where}: no such file; allowed: a job config path relative to the sweep file's "
                           "folder (e.g. ../configs/proxy.yaml)")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{where}: cannot be read ({e}); allowed: a readable YAML file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: top level must be a mapping of job field: value")
+    raw = read_mapping(file, where)
     for key in raw:
         if "." in str(key):  # `train` reads a job config's sections nested, never as dotted keys
             raise ConfigError(f"{where}: {key}: not a job field; allowed: nested sections (trl:, proxy:)")
