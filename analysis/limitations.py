@@ -34,16 +34,24 @@ def limitation_lines(data: StudyData, summaries: pd.DataFrame, declared: Declare
     lines = []
     if model == "proxy":
         size = _one(_param(params, "proxy.params"))
-        start = _one(_param(params, "proxy.warmstart_val_reward"))
-        lines.append(f"- Model: the CPU proxy, a {int(size):,}-parameter Llama built and warm-started by the harness "
-                     f"(greedy val reward {float(start):.3f} after its warm start), "
-                     f"on task {_one(_param(params, 'task'))}. "
-                     "What it shows about paper-scale models is a hypothesis for them, not a result."
-                     if size.isdigit() and _is_number(start) else f"- Model: the CPU proxy ({size} parameters).")
+        starts = sorted(float(s) for s in _param(params, "proxy.warmstart_val_reward") if _is_number(s))
+        if not size.isdigit() or not starts:
+            lines.append(f"- Model: the CPU proxy ({size} parameters).")
+        else:
+            built = (f"warm-started by the harness (greedy val reward {starts[0]:.3f} after its warm start)"
+                     if len(starts) == 1 else f"warm-started per seed by the harness (greedy val reward "
+                                              f"{starts[0]:.3f} to {starts[-1]:.3f} after the warm starts)")
+            lines.append(f"- Model: the CPU proxy, a {int(size):,}-parameter Llama built and {built}, on task "
+                         f"{_one(_param(params, 'task'))}. What it shows about paper-scale models is a hypothesis "
+                         "for them, not a result.")
     else:
         lines.append(f"- Model: {model} on task {_one(_param(params, 'task'))}.")
     init = _param(params, "proxy.init_seed")
-    if model != "proxy" or len(init) == 1:
+    if init == ["seed"]:
+        lines.append("- Warm start: each seed warm-starts its own model (proxy.init_seed follows the seed), so "
+                     "the seed-to-seed spread includes the checkpoint's and the results generalise over "
+                     "warm-started checkpoints.")
+    elif model != "proxy" or len(init) == 1:
         lines.append("- Warm start: every seed starts from the same checkpoint"
                      + (f" (proxy.init_seed {init[0]} in every run)" if init else "")
                      + "; seeds vary the prompt order and the sampling, not the initial model, so the results are "

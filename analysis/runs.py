@@ -62,6 +62,11 @@ GRID_AXES = ("objective", "batch_ratio", "iterations", "seed")
 PER_RUN_PARAMS = frozenset({"seed", "output_dir", "experiment", "torch_threads", "proxy.path"})
 
 
+def _per_run(params: dict[str, str]) -> frozenset[str]:
+    """PER_RUN_PARAMS, plus the warm start's own score when each seed warm-starts its own model."""
+    return PER_RUN_PARAMS | ({"proxy.warmstart_val_reward"} if params.get("proxy.init_seed") == "seed" else set())
+
+
 def extra_axes(tags: dict[str, str]) -> dict[str, object]:
     """The sweep axes of a run beyond objective x batch_ratio x iterations x seed (tag harness.axes)."""
     return {k: v for k, v in sorted(json.loads(tags.get(contract.AXES) or "{}").items()) if k not in GRID_AXES}
@@ -112,7 +117,7 @@ def run_info(run: Run) -> RunInfo | None:
             git_dirty=tags.get(contract.GIT_DIRTY, ""),
             git_diff_hash=tags.get(contract.GIT_DIFF_HASH, ""),
             steps_ok=tags.get(contract.STEPS_OK, ""),
-            params=json.dumps({k: v for k, v in sorted(params.items()) if k not in PER_RUN_PARAMS}),
+            params=json.dumps({k: v for k, v in sorted(params.items()) if k not in _per_run(params)}),
         )
     except (KeyError, ValueError) as e:
         # Not a job of the harness (or a broken one): say so rather than guess its place in the grid.

@@ -42,7 +42,13 @@ class ProxyModel(BaseModel):
                                  description="supervised warm-start steps on the task's train split")
     warmstart_lr: float = Field(1e-3, gt=0, description="learning rate of the supervised warm start")
     warmstart_batch_size: int = Field(64, ge=1, description="sequences per warm-start step")
-    init_seed: int = Field(0, description="seed of the random init and the warm start (not the job seed)")
+    init_seed: int | Literal["seed"] = Field(
+        0, description="seed of the random init and the warm start; 'seed': the job's seed, so each seed gets its "
+                       "own warm-started model (results generalise over checkpoints; one warm start per seed)")
+
+    def for_seed(self, seed: int) -> ProxyModel:
+        """The model a job of this seed builds: init_seed resolved when it follows the job's seed."""
+        return self.model_copy(update={"init_seed": seed}) if self.init_seed == "seed" else self
 
 
 class JobConfig(BaseModel):

@@ -134,7 +134,7 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
 
         # Rank 0 builds it: transformers writes a model only from rank 0 of a process group.
         with args.main_process_first(desc="proxy model"):
-            path = ensure_proxy_model(cfg.proxy, task, cache_root())
+            path = ensure_proxy_model(cfg.proxy.for_seed(cfg.seed), task, cache_root())
         meta = json.loads((path / "meta.json").read_text())
         logger.log_params({"proxy.path": str(path), "proxy.params": str(meta["params"]),
                            "proxy.warmstart_val_reward": str(meta["warmstart_val_reward"])})

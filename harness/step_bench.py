@@ -90,7 +90,7 @@ def _bare_trl(cfg, timed: dict[str, float]) -> tuple[int, int]:
 
     torch.set_num_threads(cfg.torch_threads)
     task, shape = get_task(cfg.task), shape_of(cfg)
-    path = str(ensure_proxy_model(cfg.proxy, task, cache_root()))
+    path = str(ensure_proxy_model(cfg.proxy.for_seed(cfg.seed), task, cache_root()))
     tok = AutoTokenizer.from_pretrained(path)
     args = grpo_config(cfg, shape, resolve_device(cfg.device))
     guard = DivergenceGuard()
