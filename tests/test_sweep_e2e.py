@@ -54,6 +54,9 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("grpo-vs-cfpo/proxy-full")
     assert exp is not None and exp.artifact_location.startswith("file://")
+    # the study is described where the UI shows it: what it asks, the scale, the declared question
+    assert "Scale proxy-full: exploration" in exp.tags["mlflow.note.content"] == exp.tags["harness.description"]
+    assert json.loads(exp.tags["harness.hypothesis"])["cells"] == "off-policy"
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("harness.sweep") == "true"]
     children = [r for r in runs if "harness.cell" in r.data.tags]
