@@ -214,8 +214,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def read_mapping(file: Path, where: str) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; a ConfigError naming `where` otherwise."""
+def read_mapping(file: Path, where: str, expect: str = "field: value") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (of `expect`); a ConfigError naming `where` otherwise."""
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except (OSError, UnicodeDecodeError) as e:
@@ -223,7 +223,7 @@ def read_mapping(file: Path, where: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: top level must be a mapping of field: value")
+        raise ConfigError(f"{where}: top level must be a mapping of {expect}")
     return raw
 
 

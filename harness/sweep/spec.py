@@ -11,6 +11,7 @@ ledger entry) across spec edits that do not change what it computes.
 A cell's settings, lowest first: the sweep's `extends` job config, the scale's, the sweep's base, the scale's
 base, `--set`, the cell's axis values. `extends` paths are relative to the sweep file's folder.
 
+Which fields a file may set, and how, is harness.sweep.fields; a scale's own settings, harness.sweep.scales.
 Everything is checked here, before a sweep writes anything: each problem is one `ConfigError` naming the spec
 file and the field.
 """
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -39,7 +38,6 @@ from harness import contract
 from harness.config import (
     ConfigError,
     JobConfig,
-    ProxyModel,
     build_config,
     config_hash,
     deep_merge,
@@ -47,117 +45,22 @@ from harness.config import (
     read_mapping,
 )
 from harness.hypothesis import Hypothesis
-from harness.sweep.cost import PROXY_REFERENCE_S, cell_cost
+from harness.sweep.cost import cell_cost
+from harness.sweep.fields import (
+    SWEEP_MANAGED,
+    check_axis,
+    check_key,
+    check_section,
+    check_values,
+    grid_point,
+    leaf_keys,
+    nest,
+)
+from harness.sweep.scales import CPU_DEFAULTS, DEFAULT_DEVICE, ScaleSpec
 from harness.trl_args import shape_of
 
-# Job fields the sweep sets itself; a spec that sets them would be silently overridden, so it is an error (a
-# job config named by `extends` may set them: they are ignored there).
-SWEEP_MANAGED = {
-    "output_dir": "the sweep puts each job in results/<study>/<scale>/jobs/<cell>",
-    "experiment": "the sweep logs to the MLflow experiment <study>/<scale>",
-    "seed": "list replicate seeds under seeds: [...]",
-}
-# The budget is fixed per scale so that cells differ only in how they reuse rollouts.
-NOT_AN_AXIS = {"rollout_batches": "the training budget is fixed per scale, so that cells differ only in "
-                                  "rollout reuse; set it in base"}
-NESTED = {"trl": None, "proxy": ProxyModel}  # sections reachable with dotted keys (trl: any GRPOConfig name)
 # A study or scale name: a folder name and part of an MLflow experiment name.
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceDefaults:
-    """What a scale that leaves out its limits or reference costs gets, by its device."""
-
-    cell_timeout_min: float
-    stall_timeout_min: float
-    reference_s: tuple[float, float] | None
-
-
-DEFAULT_DEVICE = "cpu"  # a scale runs on any machine unless it says it needs a GPU
-# Limits far above any healthy cell (cpu: the proxy, about 2 min a cell, the first one building the warm
-# start; cuda: hours a cell, vLLM start-up and 500-prompt validations between metrics). Reference costs: the
-# proxy's on the reference machine for cpu; none for cuda, where no reference run was made.
-DEVICE_DEFAULTS = {"cpu": DeviceDefaults(6 * 60.0, 30.0, PROXY_REFERENCE_S),
-                   "cuda": DeviceDefaults(72 * 60.0, 120.0, None)}
-_CPU = DEVICE_DEFAULTS[DEFAULT_DEVICE]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-
-
-class ScaleSpec(BaseModel):
-    """One scale: where its jobs run, what it changes of the sweep's base, axes and seeds, and its limits."""
-
-    model_config = ConfigDict(extra="forbid")
-    description: str = Field(
-        "", description="what this scale is for; logged on the sweep's parent MLflow run")
-    extends: str | None = Field(
-        None, description="job config file (relative to the sweep file's folder) this scale starts from, "
-                          "over the sweep's extends; its seed, output_dir, experiment and axis fields are "
-                          "ignored")
-    device: Literal["cpu", "cuda"] = Field(
-        DEFAULT_DEVICE, description="where the jobs run: cuda needs a GPU (`--scale auto` passes over the "
-                                    "scale without one) and sets the limits' and reference costs' defaults")
-    base: dict[str, Any] = Field(
-        default_factory=dict, description="job fields merged over the sweep's base (nested sections or "
-                                          "dotted keys)")
-    axes: dict[str, list[Any]] = Field(
-        default_factory=dict, description="axes replaced, key by key, at this scale; other axes are kept")
-    seeds: list[StrictInt] | None = Field(
-        None, description="replicate seeds at this scale (default: the sweep's)")
-    gpus_per_job: StrictInt = Field(
-        1, ge=1, description="GPUs per job: k > 1 runs each job as `accelerate launch --num_processes k`, "
-                             "and a machine with G GPUs runs floor(G/k) jobs at a time, each on its own k "
-                             "devices (harness/launch.py); must be 1 on CPU machines")
-    deepspeed: Literal["none", "zero2"] = Field(
-        "none", description="zero2: launch multi-GPU jobs with DeepSpeed ZeRO-2 "
-                            "(configs/accelerate/zero2.yaml); none: plain data parallel")
-    cell_timeout_min: float = Field(
-        _CPU.cell_timeout_min, gt=0,
-        description="wall-clock limit of one job, in minutes; a job past it is stopped and its attempt "
-                    "recorded as timeout (default: 360 on cpu, 4320 on cuda; `sweep --cell-timeout-min` "
-                    "overrides)")
-    stall_timeout_min: float = Field(
-        _CPU.stall_timeout_min, gt=0,
-        description="minutes a job may go without storing a metric (start-up included) before it counts as "
-                    "hung (default: 30 on cpu, 120 on cuda; `sweep --stall-timeout-min` overrides)")
-    hypothesis: Hypothesis | None = Field(
-        None, description="the question this scale tests, when not the sweep's (a confirmation's, written "
-                          "from its exploration before it runs)")
-    confirms: str | None = Field(
-        None, description="the exploratory scale of this file whose published results suggested the "
-                          "hypothesis this scale tests: its seeds must be fresh (none of that scale's), and its "
-                          "report names the exploration")
-    on_policy_seeds: StrictInt | None = Field(
-        None, ge=1, description="run on-policy cells (batch ratio x iterations = 1) with only the first n seeds: "
-                                "their objectives' differences are exactly 0 by construction, so the control "
-                                "needs one or two (default: every seed)")
-    reference_s: tuple[Seconds, Seconds] | None = Field(
-        _CPU.reference_s,
-        description="[start-up s, s per cost unit] of a job on the reference machine: the queue's order and "
-                    "the dry run's estimate until the sweep's own durations fit them (default: the proxy's "
-                    "on cpu; null, the cuda default: unknown)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _device_defaults(cls, data: Any) -> Any:
-        """Limits left out (or null) and reference costs left out take the defaults of the scale's device."""
-        device = data.get("device", DEFAULT_DEVICE) if isinstance(data, dict) else None
-        if not isinstance(device, str) or device not in DEVICE_DEFAULTS:
-            return data  # pydantic reports what is wrong
-        defaults = DEVICE_DEFAULTS[device]
-        out = dict(data)
-        for key in ("cell_timeout_min", "stall_timeout_min"):
-            if out.get(key) is None:
-                out[key] = getattr(defaults, key)
-        out.setdefault("reference_s", defaults.reference_s)
-        return out
-
-    @model_validator(mode="after")
-    def _deepspeed_needs_gpus(self) -> ScaleSpec:
-        if self.deepspeed != "none" and self.gpus_per_job < 2:
-            raise ValueError(f"deepspeed: {self.deepspeed} shards a job across its GPUs; it needs "
-                             f"gpus_per_job of 2 or more (got {self.gpus_per_job})")
-        return self
 
 
 class SweepSpec(BaseModel):
@@ -267,10 +170,10 @@ class Plan:
     cells: list[Cell]
     gpus_per_job: int = 1      # the scale's; not part of a cell's identity (see docs/SCALE_OUT.md)
     deepspeed: str = "none"
-    cell_timeout_s: float = _CPU.cell_timeout_min * 60  # the scale's limits (harness.sweep.watchdog)
-    stall_timeout_s: float = _CPU.stall_timeout_min * 60
+    cell_timeout_s: float = CPU_DEFAULTS.cell_timeout_min * 60  # the scale's limits (harness.sweep.watchdog)
+    stall_timeout_s: float = CPU_DEFAULTS.stall_timeout_min * 60
     device: str = DEFAULT_DEVICE  # the scale's: cuda jobs need GPUs wherever a worker runs
-    reference_s: tuple[float, float] | None = _CPU.reference_s  # the scale's (harness.sweep.cost)
+    reference_s: tuple[float, float] | None = CPU_DEFAULTS.reference_s  # the scale's (harness.sweep.cost)
     confirms: str | None = None  # the exploratory scale this one confirms
 
     @property
@@ -310,14 +213,7 @@ def spec_path(name: str) -> Path:
 
 def load_spec(name: str) -> tuple[SweepSpec, Path]:
     path = spec_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({e}); allowed: a readable YAML file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping (study, base, axes, seeds, scales)")
+    raw = read_mapping(path, str(path), "study, base, axes, seeds, scales")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
@@ -327,11 +223,11 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
         msg = "unknown field" if extra else err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {field}: {msg}") from None
     # Structure of every scale, and the job configs they extend, are checked even when only one is resolved.
-    _check_section(path, "", spec.base, spec.axes, spec.seeds)
+    check_section(path, "", spec.base, spec.axes, spec.seeds)
     if spec.extends:
         _job_config(path, "", spec.extends)
     for name_, s in spec.scales.items():
-        _check_section(path, f"scales.{name_}.", s.base, s.axes, s.seeds)
+        check_section(path, f"scales.{name_}.", s.base, s.axes, s.seeds)
         if s.extends:
             _job_config(path, f"scales.{name_}.", s.extends)
     return spec, path
@@ -354,7 +250,7 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
         for other in [k for k in axes if set(k.split("+")) & set(key.split("+"))]:
             del axes[other]
     axes.update(s.axes)
-    base = deep_merge(deep_merge(_extended(spec, path, scale, axes), _nest(spec.base)), _nest(s.base))
+    base = deep_merge(deep_merge(_extended(spec, path, scale, axes), nest(spec.base)), nest(s.base))
     seeds = list(s.seeds if s.seeds is not None else spec.seeds)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -365,16 +261,16 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
             values = value if isinstance(value, list) else [value]
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise ConfigError(f"--set seed: expected an integer or a list of integers, got {raw!r}")
-            _check_values(f"--set {key}", values)
+            check_values(f"--set {key}", values)
             seeds = [int(v) for v in values]
             continue
         if key in axes:  # narrowing an axis keeps the cells' identities (a sub-grid of the full sweep)
             joined = "+" in key and isinstance(value, list) and value and not isinstance(value[0], list)
             axes[key] = [value] if joined or not isinstance(value, list) else value
-            _check_axis(f"--set {key}", key, axes[key])
+            check_axis(f"--set {key}", key, axes[key])
         else:
-            _check_key(f"--set {key}", key, axis=False)
-            base = deep_merge(base, _nest({key: value}))
+            check_key(f"--set {key}", key, axis=False)
+            base = deep_merge(base, nest({key: value}))
     if s.confirms is not None and set(seeds) & spec.seeds_of(s.confirms):
         raise ConfigError(f"--set seed: {sorted(set(seeds) & spec.seeds_of(s.confirms))} also seed the "
                           f"exploration {s.confirms!r} that scale {scale!r} confirms; allowed: fresh seeds")
@@ -386,8 +282,8 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
     seen: dict[str, str] = {}
     for seed in seeds:
         for combo in itertools.product(*axes.values()):
-            point = _point(axes, combo)
-            raw_cfg = deep_merge(base, _nest(point))
+            point = grid_point(axes, combo)
+            raw_cfg = deep_merge(base, nest(point))
             if s.on_policy_seeds is not None and seed not in seeds[:s.on_policy_seeds] and _on_policy(raw_cfg):
                 continue
             raw_cfg.update(seed=seed, experiment=experiment)
@@ -462,9 +358,9 @@ def _job_config(path: Path, prefix: str, target: str) -> dict[str, Any]:
     for key in raw:
         if "." in str(key):  # `train` reads a job config's sections nested, never as dotted keys
             raise ConfigError(f"{where}: {key}: not a job field; allowed: nested sections (trl:, proxy:)")
-    for key in _leaf_keys(raw):
+    for key in leaf_keys(raw):
         if key.partition(".")[0] not in SWEEP_MANAGED:
-            _check_key(f"{where}: {key}", key, axis=False)
+            check_key(f"{where}: {key}", key, axis=False)
     return raw
 
 
@@ -481,91 +377,4 @@ def _extended(spec: SweepSpec, path: Path, scale: str, axes: dict[str, list[Any]
             out.pop(top, None)
         elif isinstance(out.get(top), dict):
             out[top].pop(sub, None)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- checks
-def _check_section(path: Path, prefix: str, base: dict[str, Any], axes: dict[str, list[Any]],
-                   seeds: list[int] | None) -> None:
-    for key in _leaf_keys(base):
-        _check_key(f"{path}: {prefix}base.{key}", key, axis=False)
-    for key, values in axes.items():
-        _check_axis(f"{path}: {prefix}axes.{key}", key, values)
-    if seeds is not None:
-        _check_values(f"{path}: {prefix}seeds", seeds)
-
-
-def _check_key(where: str, key: str, axis: bool) -> None:
-    top, _, sub = key.partition(".")
-    if top not in JobConfig.model_fields:
-        raise ConfigError(f"{where}: not a job field; allowed: {', '.join(sorted(JobConfig.model_fields))}")
-    if top in SWEEP_MANAGED:
-        raise ConfigError(f"{where}: set by the sweep ({SWEEP_MANAGED[top]})")
-    if axis and top in NOT_AN_AXIS:
-        raise ConfigError(f"{where}: cannot be an axis ({NOT_AN_AXIS[top]})")
-    if not sub:
-        if axis and top in NESTED:
-            raise ConfigError(f"{where}: an axis is one field; use a dotted key such as {top}.<name>")
-        return
-    if top not in NESTED or "." in sub:
-        raise ConfigError(f"{where}: {top} has no sub-field {sub!r}")
-    model = NESTED[top]
-    if model is not None and sub not in model.model_fields:
-        raise ConfigError(f"{where}: not a {top} field; allowed: {', '.join(sorted(model.model_fields))}")
-
-
-def _check_axis(where: str, key: str, values: list[Any]) -> None:
-    fields = key.split("+")
-    for field in fields:
-        _check_key(where, field, axis=True)
-    if len(fields) == 1:
-        return _check_values(where, values)
-    if len(set(fields)) < len(fields):
-        raise ConfigError(f"{where}: a field appears twice")
-    if not isinstance(values, list) or not all(isinstance(v, list) and len(v) == len(fields) for v in values):
-        raise ConfigError(f"{where}: values must be lists of {len(fields)} scalars, one per joined field")
-    for i, field in enumerate(fields):
-        _check_values(f"{where} ({field})", [v[i] for v in values], unique=False)
-    _check_values(where, [json.dumps(v) for v in values])
-
-
-def _point(axes: dict[str, list[Any]], combo: tuple[Any, ...]) -> dict[str, Any]:
-    """One grid point as job fields: a joined axis ('a+b': [x, y]) gives a=x, b=y."""
-    point: dict[str, Any] = {}
-    for key, value in zip(axes, combo, strict=True):
-        point.update(zip(key.split("+"), value, strict=True) if "+" in key else {key: value})
-    return point
-
-
-def _check_values(where: str, values: list[Any], unique: bool = True) -> None:
-    if not values:
-        raise ConfigError(f"{where}: needs at least one value")
-    seen = set()
-    for v in values:
-        if isinstance(v, (dict, list)):
-            raise ConfigError(f"{where}: values must be scalars, got {v!r}")
-        key = json.dumps(v, sort_keys=True, default=repr)  # YAML may give dates
-        if unique and key in seen:
-            raise ConfigError(f"{where}: duplicate value {v!r}")
-        seen.add(key)
-
-
-def _leaf_keys(d: dict[str, Any]) -> list[str]:
-    """Dotted keys of a base mapping; only trl and proxy are sections (a dict-valued TRL knob stays whole)."""
-    out = []
-    for k, v in d.items():
-        if k in NESTED and isinstance(v, dict):
-            out += [f"{k}.{sub}" for sub in v] or [k]
-        else:
-            out.append(k)
-    return out
-
-
-def _nest(d: dict[str, Any]) -> dict[str, Any]:
-    """{'trl.learning_rate': 1e-5, 'proxy': {...}} -> nested mapping, as JobConfig takes it."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        top, dot, sub = k.partition(".")
-        piece = {top: {sub: v}} if dot else {k: v}
-        out = deep_merge(out, piece)
     return out
