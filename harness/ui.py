@@ -122,8 +122,8 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def ledger_storage(name: str, scale: str, storage: str | None, results_dir: str | None) -> tuple[str, str]:
     """(storage url or journal path, study name) of an existing sweep, resolved as `python -m harness
     status`."""
-    from harness.sweep.ledger import check_storage
     from harness.sweep.spec import load_spec, pick_scale, scale_spec
+    from harness.sweep.storage import check_storage
 
     if results_dir:
         os.environ["HARNESS_RESULTS"] = str(Path(results_dir).resolve())
@@ -147,7 +147,7 @@ def ledger_storage(name: str, scale: str, storage: str | None, results_dir: str 
 def _dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from harness.sweep.ledger import open_storage
+    from harness.sweep.storage import open_storage
 
     url, study = ledger_storage(args.name, args.scale, args.storage, args.results_dir)
     _check_server_options(args)

@@ -29,8 +29,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.ledger import Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.sweep.ledger import JOB, Ledger, open_storage
+from harness.sweep.ledger import JOB, Ledger
 from harness.sweep.processes import pid_alive
+from harness.sweep.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

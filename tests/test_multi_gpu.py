@@ -25,8 +25,9 @@ import yaml
 from harness.cli import main
 from harness.config import ConfigError
 from harness.launch import DEEPSPEED_CONFIGS, check_gpus, default_workers, gpu_slots, job_command
-from harness.sweep.ledger import DEEPSPEED, GPUS_PER_JOB, Ledger, open_storage
+from harness.sweep.ledger import DEEPSPEED, GPUS_PER_JOB, Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 # Stand-in for the `accelerate` CLI: `accelerate launch [options] -m harness train CONFIG --tag k=v ... --result R`.
 FAKE_ACCELERATE = r'''

@@ -28,8 +28,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from harness.config import parse_overrides
-from harness.sweep.ledger import DEEPSPEED, GPUS_PER_JOB, Ledger, open_storage
+from harness.sweep.ledger import DEEPSPEED, GPUS_PER_JOB, Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 from harness.sweep.worker import Worker, WorkerOptions
 from harness.tasks import get_task
 

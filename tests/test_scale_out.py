@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 from harness.launch import free_port
-from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.ledger import Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 FAKE_JOB = r'''
 import json, os, sys, time

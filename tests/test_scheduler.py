@@ -17,8 +17,9 @@ from harness.sweep.cost import (
     model_for,
     predict,
 )
-from harness.sweep.ledger import SCALE, Ledger, open_storage
+from harness.sweep.ledger import SCALE, Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 
 def _ledger(tmp_path: Path, costs: dict[str, float], name: str = "unit/proxy",

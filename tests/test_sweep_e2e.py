@@ -11,8 +11,9 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.ledger import Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from harness.cli import main
-from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.ledger import Ledger
 from harness.sweep.processes import pid_alive
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 FAKE_JOB = r'''
 import json, os, sys, time

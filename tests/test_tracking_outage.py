@@ -21,8 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.launch import free_port
-from harness.sweep.ledger import Ledger, open_storage
+from harness.sweep.ledger import Ledger
 from harness.sweep.spec import load_spec, make_plan
+from harness.sweep.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,8 @@
     python -m harness worker grpo-vs-cfpo --storage URL               # add a worker from another machine
     python -m harness status grpo-vs-cfpo                             # table of cells from the ledger
 
-Modules: `spec` (spec file, validation, scales, cells), `ledger` (cell states in Optuna storage), `worker` (pulls
+Modules: `spec` (spec file, cells; `fields` and `scales` what it may say), `ledger` (cell states in Optuna
+storage; `storage` where it lives), `worker` (pulls
 cells and runs `python -m harness train`), `outcome` (what an attempt's end means for its cell: a pure decision),
 `adopt` (what an attempt came to: its result file, else its MLflow run, so a finished job is never run twice),
 `watchdog` (cell time limit and stall limit), `claim` (the one-driver lock, in the ledger's storage), `driver`

@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.sweep.ledger import HOST, sqlalchemy_url
+from harness.sweep.ledger import HOST
+from harness.sweep.storage import sqlalchemy_url
 
 
 class ClaimTaken(RuntimeError):

@@ -150,8 +150,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
     """(study, scale, results, storage) of a sweep that must already exist."""
-    from harness.sweep.ledger import check_storage
     from harness.sweep.spec import load_spec, pick_scale, scale_spec
+    from harness.sweep.storage import check_storage
 
     _check_options(args, writes=args.func is not _status)
     spec, path = load_spec(args.name)
@@ -175,9 +175,11 @@ def _worker(args: argparse.Namespace) -> int:
     import dataclasses
 
     from harness.launch import check_gpus, gpu_slots, visible_gpus
-    from harness.sweep.ledger import HOST, Ledger, open_storage
+    from harness.sweep.ledger import HOST, Ledger
     from harness.sweep.spec import spec_path
-    from harness.sweep.worker import WorkerOptions, run_worker, run_worker_group
+    from harness.sweep.storage import open_storage
+    from harness.sweep.worker import WorkerOptions, run_worker
+    from harness.sweep.worker_group import run_worker_group
 
     study, scale, results, storage = _existing(args)
     # the driver's setting
@@ -207,7 +209,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from harness.sweep.display import console, status_table
-    from harness.sweep.ledger import Ledger, open_storage
+    from harness.sweep.ledger import Ledger
+    from harness.sweep.storage import open_storage
 
     study, scale, results, storage = _existing(args)
     cells = Ledger(open_storage(storage), contract.experiment_name(study, scale), create=False).cells()

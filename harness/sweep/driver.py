@@ -38,12 +38,12 @@ from harness.sweep.ledger import (
     STALE_AFTER,
     STALL_TIMEOUT,
     Ledger,
-    check_storage,
-    open_storage,
 )
 from harness.sweep.processes import pid_start
 from harness.sweep.spec import Plan
-from harness.sweep.worker import GRACE_S, WorkerOptions, run_worker, spawn_worker
+from harness.sweep.storage import check_storage, open_storage
+from harness.sweep.worker import GRACE_S, WorkerOptions, run_worker
+from harness.sweep.worker_group import spawn_worker
 
 
 class SweepError(RuntimeError):

@@ -39,18 +39,10 @@ from harness import contract
 from harness.launch import job_command, train_command
 from harness.sweep import adopt, outcome
 from harness.sweep.forkserver import Forkserver
-from harness.sweep.ledger import (
-    ATTEMPT,
-    AXES,
-    CELL,
-    CONFIG,
-    HOST,
-    JOB,
-    PARENT_RUN,
-    Ledger,
-    open_storage,
-)
+from harness.sweep.heartbeat import Heartbeat
+from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, Ledger
 from harness.sweep.processes import die_with_parent, has_nvidia_devices, job_env, pid_start, signal_group
+from harness.sweep.storage import open_storage
 from harness.sweep.watchdog import Watchdog
 from harness.tracking import PROGRESS_ENV, code_state, tracking_uri, unreachable
 
@@ -87,59 +79,6 @@ def run_worker(opts: WorkerOptions) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {opts.name} %(message)s", stream=sys.stdout)
     os.environ["HARNESS_RESULTS"] = opts.results  # the job's results root and default MLflow store follow it
     return Worker(opts).run()
-
-
-def worker_command(spec: Path, opts: WorkerOptions) -> list[str]:
-    """`python -m harness worker` for one worker process with these options."""
-    cmd = [sys.executable, "-m", "harness", "worker", str(spec), "--scale", opts.scale,
-           "--storage", opts.storage, "--results-dir", opts.results, "--name", opts.name]
-    if opts.gpus is not None:
-        cmd += ["--gpus", ",".join(opts.gpus) or "none"]
-    return [*cmd, "--job-start", opts.job_start]
-
-
-def spawn_worker(spec: Path, opts: WorkerOptions) -> subprocess.Popen:
-    """Start one worker process, logging to <sweep>/workers/NAME.log, pinned to opts.gpus.
-
-    Own session: a terminal's Ctrl-C reaches the parent only, which stops workers in order. Parent-death
-    SIGTERM: a SIGKILLed parent still stops its workers (they stop their jobs and re-queue their cells).
-    """
-    log_dir = opts.sweep_dir / "workers"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HARNESS_RESULTS=opts.results)
-    if opts.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(opts.gpus)
-    with open(log_dir / f"{opts.name}.log", "ab") as out:
-        return subprocess.Popen(worker_command(spec, opts), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                preexec_fn=die_with_parent(signal.SIGTERM))
-
-
-def run_worker_group(spec: Path, group: list[WorkerOptions]) -> int:
-    """Several pinned workers on this machine (`harness worker` with more than one GPU slot); returns when
-    all have left. SIGINT / SIGTERM / SIGHUP are passed on as SIGTERM: each worker stops its job and re-queues
-    it."""
-    procs = [spawn_worker(spec, o) for o in group]
-    for o, p in zip(group, procs, strict=True):
-        print(f"worker {o.name} (pid {p.pid}) on GPUs {','.join(o.gpus or ()) or 'none'}: log "
-              f"{o.sweep_dir / 'workers' / (o.name + '.log')}", flush=True)
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopped.set()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    codes = [p.returncode for p in procs]
-    return 130 if stopped.is_set() else next((c for c in codes if c), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,30 +346,6 @@ class Worker:
     def _find(self, t: FrozenTrial) -> adopt.Verdict:
         return adopt.find(self.opts.sweep_dir, self.opts.study_name, t.user_attrs[CELL],
                           int(t.user_attrs[ATTEMPT]))
-
-
-class Heartbeat(threading.Thread):
-    """Refreshes the attempt's heartbeat; sets `lost` when the ledger says another process settled the
-    attempt."""
-
-    def __init__(self, ledger: Ledger, trial_id: int, interval: float):
-        super().__init__(daemon=True, name="heartbeat")
-        self.ledger, self.trial_id, self.interval = ledger, trial_id, interval
-        self.lost, self._done = threading.Event(), threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            try:
-                self.ledger.heartbeat(self.trial_id)
-            except UpdateFinishedTrialError:
-                self.lost.set()
-                return
-            except Exception as e:  # a storage hiccup: the next beat may get through
-                log.warning("heartbeat failed: %s", e)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 def _last_line(log_path: Path) -> str:
