@@ -116,9 +116,10 @@ def code_diff() -> str:
     return diff
 
 
-def code_state() -> dict[str, str]:
-    """The tree as it is now: commit, whether the source differs from it, and a hash of that difference."""
-    diff = code_diff()
+def code_state(diff: str | None = None) -> dict[str, str]:
+    """The tree as it is now (or with this diff): commit, whether the source differs from it, and a hash of
+    that difference."""
+    diff = code_diff() if diff is None else diff
     state = {contract.GIT_COMMIT: _git("rev-parse", "HEAD").strip() or "unknown",
              contract.GIT_DIRTY: str(bool(diff)).lower()}
     if diff:
@@ -127,16 +128,19 @@ def code_state() -> dict[str, str]:
 
 
 @functools.cache  # per process: a forked job reports what its forkserver loaded (harness.sweep.preload)
+def _loaded() -> tuple[dict[str, str], str]:
+    diff = code_diff()
+    return code_state(diff), diff
+
+
 def git_state() -> dict[str, str]:
     """code_state() when this process first asked: for a job, the code it imported."""
-    return code_state()
+    return _loaded()[0]
 
 
-@functools.cache
 def loaded_diff() -> str:
-    """code_diff() read with git_state(), for the run's `code.diff` artifact."""
-    git_state()
-    return code_diff()
+    """The diff git_state() describes, for the run's `code.diff` artifact."""
+    return _loaded()[1]
 
 
 def package_versions() -> dict[str, str]:
