@@ -21,7 +21,8 @@ DIVERGED = "diverged"  # stopped by the divergence guard: a finding, not a failu
 FAILED = "failed"
 KILLED = "killed"
 SUPERSEDED = "superseded"  # a result of a cell whose ledger counts another attempt
-FINISHED = (COMPLETE, DIVERGED)  # the statuses that are results
+PRUNED = "pruned"  # a tuning trial's job stopped early by its pruner: settled, never retried (harness.pruning)
+FINISHED = (COMPLETE, DIVERGED, PRUNED)  # the statuses that are results
 
 
 def is_result(status: str | None) -> bool:
@@ -45,6 +46,12 @@ DIVERGED_AT = "harness.diverged_at"
 DIVERGED_REASON = "harness.diverged_reason"
 ERROR = "harness.error"
 SUPERSEDED_WHY = "harness.superseded"
+PRUNED_AT = "harness.pruned_at"  # rollout batches completed when the pruner stopped the job
+# --- a tuning trial's job (harness.sweep.tuning): which Optuna study and trial its sampled knobs came from
+TUNE_STUDY = "harness.tune_study"
+TUNE_TRIAL = "harness.tune_trial"
+# set by a sweep worker for a tuning trial's job: JSON {storage, study, trial_id, job, jobs, pruner}
+TUNE_ENV = "HARNESS_TUNE"
 # --- code identity of the tree a job ran from (harness.tracking.git_state)
 GIT_COMMIT = "git.commit"
 GIT_DIRTY = "git.dirty"  # "true" when tracked or untracked source files differ from the commit
@@ -117,6 +124,21 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+TUNE_STAGE = "tune"
+
+
+def tune_scale(scale: str) -> str:
+    """The tuning stage of a scale as a scale of its own: its ledger, experiment and folder nest in the
+    scale's (results/<study>/<scale>/tune/, experiment <study>/<scale>/tune)."""
+    return f"{scale}/{TUNE_STAGE}"
+
+
+def split_stage(scale: str) -> tuple[str, str | None]:
+    """'proxy/tune' -> ('proxy', 'tune'); 'proxy' -> ('proxy', None)."""
+    base, sep, stage = scale.rpartition("/")
+    return (base, stage) if sep and stage == TUNE_STAGE else (scale, None)
 
 
 def experiment_name(study: str, scale: str) -> str:

@@ -125,6 +125,7 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     from transformers import PrinterCallback
 
     from harness.callbacks import DivergenceGuard, GreedyValidation, MLflowMetrics, ProgressReport
+    from harness.pruning import TrialPruning
     from harness.tracking import cache_root
     from harness.trainer import HarnessGRPOTrainer
 
@@ -149,11 +150,15 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     validation = GreedyValidation(logger, task, task.val_rows(cfg.val_prompts),
                                   every_steps=cfg.eval_every * shape.optimizer_steps_per_rollout_batch,
                                   max_new_tokens=args.max_completion_length, guard=guard, chat=chat)
+    # A tuning trial's job (single-process only: a pruner stopping rank 0 alone would leave the others waiting).
+    pruning = TrialPruning.from_env(validation, shape.optimizer_steps_per_rollout_batch, cfg.rollout_batches) \
+        if main and process_group()[0] == 1 else None
     trainer = HarnessGRPOTrainer(model=model_path, processing_class=tokenizer,
                                  reward_funcs=task.reward_func(tokenizer.eos_token_id), args=args,
                                  train_dataset=task.train_dataset(cfg.train_prompts, cfg.seed, chat),
                                  callbacks=[metrics, guard, *([validation, ProgressReport(
-                                     shape.optimizer_steps_per_rollout_batch)] if main else [])],
+                                     shape.optimizer_steps_per_rollout_batch)] if main else []),
+                                     *([pruning] if pruning else [])],
                                  objective=objective)
     trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
@@ -171,9 +176,13 @@ def _train(cfg: JobConfig, args, shape: BatchShape, objective, task, logger, mai
     steps_per_batch = trainer.finish_rollout_accounting()
     expected = shape.optimizer_steps_per_rollout_batch
     full = steps_per_batch[:-1] if guard.diverged_at is not None else steps_per_batch
+    # a pruned job stops at a rollout batch boundary (validation runs there), so its batches are all full
     reuse_ok = all(s == expected for s in full)
     status = contract.DIVERGED if guard.diverged_at is not None else contract.COMPLETE
     tags = {contract.STEPS_OK: str(reuse_ok).lower()}
+    if pruning is not None and pruning.pruned_at is not None and guard.diverged_at is None:
+        status = contract.PRUNED
+        tags[contract.PRUNED_AT] = f"{pruning.pruned_at:g}"
     if guard.diverged_at is not None:
         tags.update({contract.DIVERGED_AT: str(guard.diverged_at), contract.DIVERGED_REASON: guard.reason})
     logger.set_tags(tags)

@@ -44,6 +44,8 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--timeout-min", type=int, default=24 * 60,
                        help="--launcher slurm: time limit per worker job")
     sweep.add_argument("--partition", default=None, help="--launcher slurm: SLURM partition")
+    sweep.add_argument("--unequal-budget", action="store_true",
+                       help="tune: run objectives with different numbers of trials (refused otherwise)")
     _job_start(sweep)
     sweep.add_argument("--dry-run", action="store_true",
                        help="validate the spec, print the cells (axes, TRL batch knobs, objective knobs) and "
@@ -74,6 +76,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="auto",
                    help="a scale of the sweep file (scales: NAME), or auto: the first of them whose device "
                         "is here (device: cuda needs a GPU)")
+    p.add_argument("--stage", default="auto", choices=("auto", "grid", "tune", "compare"),
+                   help="a scale with a tune: section runs in two stages, tune (Optuna trials on tuning seeds; "
+                        "ledger <scale>/tune) then compare (each objective at its best tuned setting); auto: "
+                        "both in order for sweep, compare for worker and status; grid: a scale without tune:")
     p.add_argument("--storage", default=None,
                    help="ledger: a journal file path or postgresql://... "
                         "(default: results/<study>/<scale>/ledger.journal)")
@@ -113,16 +119,66 @@ def _check_options(args: argparse.Namespace, writes: bool = True) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from harness.sweep.driver import SweepError, SweepOptions, run_sweep
-    from harness.sweep.spec import check_other_scales, load_spec, make_plan, pick_scale
+    from harness.sweep.spec import check_other_scales, load_spec, pick_scale
+    from harness.sweep.stages import pick_stage
 
     _check_options(args, writes=not args.dry_run)
     spec, path = load_spec(args.name)
     scale, why = pick_scale(spec, path, args.scale)
     print(f"scale: {scale} ({why})", flush=True)
-    plan = make_plan(spec, path, scale, args.set)
+    stages = pick_stage(spec, path, scale, args.stage)
     for warning in check_other_scales(spec, path, scale):
         print(warning, file=sys.stderr)
+    for stage in stages:
+        plan = _stage_plan(args, spec, path, scale, stage)
+        if plan is None:  # dry run of a compare stage: its knobs come from the tuning
+            continue
+        rc = _run_stage(args, plan)
+        if rc != 0:
+            return rc
+    return 0
+
+
+def _stage_plan(args: argparse.Namespace, spec, path: Path, scale: str, stage: str):
+    from harness.sweep.spec import make_plan
+    from harness.sweep.stages import check_budget, compare_plan, tune_plan
+
+    if stage == "tune":
+        plan = tune_plan(spec, path, scale, args.set)
+        check_budget(plan, args.unequal_budget)
+        return plan
+    if stage != "compare":
+        return make_plan(spec, path, scale, args.set)
+    if args.dry_run:
+        plan = make_plan(spec, path, scale, args.set)
+        print(f"compare stage: {len(plan.cells)} cells of scale {scale}, each objective at its best tuned "
+              "setting (known once the tuning stage has run)")
+        return None
+    return compare_plan(spec, path, scale, _tuned(args, spec, scale), args.set)
+
+
+def _tuned(args: argparse.Namespace, spec, scale: str) -> dict:
+    """Each objective's best tuned knobs, from the tuning stage's studies (ConfigError until it finished)."""
+    from harness.sweep.storage import check_storage, open_storage
+    from harness.sweep.tune_spec import objectives_of
+    from harness.sweep.tuning import best_knobs
+
+    stage = contract.tune_scale(scale)
+    url = check_storage(args.storage, contract.ledger_path(_results(args), spec.study, stage))
+    tune = spec.scales[scale].tune
+    objectives = objectives_of(spec, scale)
+    trials = {o: tune.trials_of(o) for o in objectives}
+    if "://" not in url and not Path(url).is_file():
+        raise ConfigError(f"--stage compare: no tuning ledger {url}; run `sweep {args.name} --scale {scale} "
+                          "--stage tune` first")
+    return best_knobs(open_storage(url), contract.experiment_name(spec.study, stage), objectives, trials)
+
+
+def _run_stage(args: argparse.Namespace, plan) -> int:
+    from harness.sweep.driver import SweepError, SweepOptions, run_sweep
+
+    if plan.stage != "grid":
+        print(f"stage: {plan.stage} ({plan.experiment})", flush=True)
     if args.workers is None:  # one job per slot of gpus_per_job GPUs; else one single-threaded job per core
         from harness.launch import default_workers, visible_gpus
 
@@ -151,17 +207,21 @@ def _sweep(args: argparse.Namespace) -> int:
 def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
     """(study, scale, results, storage) of a sweep that must already exist."""
     from harness.sweep.spec import load_spec, pick_scale, scale_spec
+    from harness.sweep.stages import pick_stage
     from harness.sweep.storage import check_storage
 
     _check_options(args, writes=args.func is not _status)
     spec, path = load_spec(args.name)
     results = _results(args)
-    scale = args.scale
+    scale, stage = contract.split_stage(args.scale)
     if scale == "auto":  # the scale whose ledger is here, if only one is
         here = [s for s in spec.scales if contract.ledger_path(results, spec.study, s).is_file()]
         scale = here[0] if len(here) == 1 and args.storage is None else pick_scale(spec, path, "auto")[0]
     else:
         scale_spec(spec, path, scale)  # one the spec defines
+    if stage or args.stage == "tune":
+        pick_stage(spec, path, scale, "tune")  # a scale with a tune: section
+        scale = contract.tune_scale(scale)
     ledger = contract.ledger_path(results, spec.study, scale)
     storage = check_storage(args.storage, ledger)
     if args.storage is None and not ledger.is_file():

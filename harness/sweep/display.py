@@ -56,10 +56,13 @@ def eta_s(cells: list[CellStatus], parallel: int) -> float | None:
 class SweepView:
     """Progress of the plan's cells; `update()` re-reads the ledger (call it from the driver's loop)."""
 
-    def __init__(self, ledger: Ledger, title: str, cell_hashes: list[str], workers: int):
+    def __init__(self, ledger: Ledger, title: str, cell_hashes: list[str] | None, workers: int,
+                 total: int | None = None):
+        """cell_hashes None: every cell of the ledger (a tuning stage's, queued as trials are asked), of
+        `total` expected."""
         self.ledger, self.title, self.workers = ledger, title, workers
-        self.hashes = set(cell_hashes)
-        self.total = len(cell_hashes)
+        self.hashes = set(cell_hashes) if cell_hashes is not None else None
+        self.total = total if total is not None else len(cell_hashes or [])
         self.out = console()
         self.live: Live | None = None
         self.cells: list[CellStatus] = []
@@ -78,8 +81,11 @@ class SweepView:
             self.live.__exit__(*exc)
 
     def update(self) -> None:
-        self.cells = [c for c in self.ledger.cells() if c.hash in self.hashes]
+        self.cells = [c for c in self.ledger.cells() if self._shown(c.hash)]
         self._print_settled()  # above the live panel on a terminal, as plain lines otherwise
+
+    def _shown(self, cell: str) -> bool:
+        return self.hashes is None or cell in self.hashes
 
     def count(self, *states: str) -> int:
         return sum(1 for c in self.cells if c.state in states)
@@ -112,7 +118,7 @@ class SweepView:
 
     def _print_settled(self) -> None:
         for t in self.ledger.trials((TrialState.COMPLETE, TrialState.FAIL)):
-            if t.number in self.announced or t.user_attrs[CELL] not in self.hashes:
+            if t.number in self.announced or not self._shown(t.user_attrs[CELL]):
                 continue
             self.announced.add(t.number)
             state = attempt_state(t)

@@ -41,7 +41,9 @@ from harness.sweep.ledger import (
 )
 from harness.sweep.processes import pid_start
 from harness.sweep.spec import Plan
+from harness.sweep.stages import tune_of
 from harness.sweep.storage import check_storage, open_storage
+from harness.sweep.tuning import Tuner, run_score
 from harness.sweep.worker import GRACE_S, WorkerOptions, run_worker
 from harness.sweep.worker_group import spawn_worker
 
@@ -122,6 +124,7 @@ class _Sweep:
 
     def __init__(self, plan: Plan, opts: SweepOptions, results: Path, storage_url: str):
         self.plan, self.opts, self.storage_url = plan, opts, storage_url
+        self.tuner: Tuner | None = None  # a tuning stage: cells come from its trials (harness.sweep.tuning)
         self.dir = contract.sweep_dir(results, plan.study, plan.scale)
         self.out = console()
         self.find = _finder(self.dir, plan.experiment)
@@ -144,10 +147,22 @@ class _Sweep:
         _set_launch(ledger, plan, self.out)
         if opts.retry_failed:
             ledger.set_attr(RETRY_FROM, len(ledger.storage.get_all_trials(ledger.study_id, deepcopy=False)))
+        if plan.stage == "tune":
+            self.tuner = Tuner(plan, ledger.storage, opts.workers)
+            self.score = run_score(plan.hypothesis.measure)
 
     def enqueue(self) -> None:
         """Settle dead workers' attempts, then queue what is left to run."""
         self.ledger.reap(self.find)
+        if self.tuner is not None:
+            self._tune()
+            tune = tune_of(self.plan)
+            per = {o: tune.trials_of(o) for o in self.tuner.templates}
+            self.out.print(f"tune {self.plan.experiment}: {', '.join(f'{o} {n}' for o, n in per.items())} trials, "
+                           f"{len(next(iter(self.tuner.templates.values())))} job(s) each; sampler "
+                           f"{tune.sampler.name}, pruner {tune.pruner.name}; ledger {self.storage_url}",
+                           soft_wrap=True)
+            return
         counts = _sync(self.ledger, self.plan)
         self.out.print(f"sweep {self.plan.experiment}: {len(self.plan.cells)} cells ({counts['new']} new, "
                        f"{counts['retry']} retried, {counts['done']} done, "
@@ -170,8 +185,11 @@ class _Sweep:
         """Start the workers and watch them until they have left; True when Ctrl-C or SIGTERM stopped them."""
         interrupted = False
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        self.view = SweepView(self.ledger, f"{self.plan.experiment} ({self.opts.workers} workers)",
-                              [c.hash for c in self.plan.cells], self.opts.workers)
+        title = f"{self.plan.experiment} ({self.opts.workers} workers)"
+        if self.tuner is not None:
+            self.view = SweepView(self.ledger, title, None, self.opts.workers, self.tuner.expected_jobs())
+        else:
+            self.view = SweepView(self.ledger, title, [c.hash for c in self.plan.cells], self.opts.workers)
         self.started = datetime.now()  # naive local time, as Optuna stamps attempts
         try:
             if not self.ledger.settled():
@@ -187,12 +205,15 @@ class _Sweep:
         return interrupted
 
     def _watch(self, workers: _Launcher) -> None:
-        last_beat = 0.0
+        last_beat = last_tune = 0.0
         while True:
             self.view.update()
             if time.time() - last_beat > 10:
                 self._check_in()
                 last_beat = time.time()
+            if self.tuner is not None and time.time() - last_tune > 2:
+                self._tune()
+                last_tune = time.time()
             if not self.ledger.settled():
                 workers.replace_killed()
             if workers.finished() and (self.opts.workers > 0 or self.ledger.settled()):
@@ -210,14 +231,21 @@ class _Sweep:
 
     def finish(self, interrupted: bool) -> int:
         """End the parent run, tidy MLflow, release the claim, print the summary; the exit code."""
+        if self.tuner is not None and not interrupted:
+            self._tune()  # the last trials' results
         self.view.update()
         done = self.view.count(*contract.FINISHED)
-        status = "KILLED" if interrupted else "FINISHED" if done == len(self.plan.cells) else "FAILED"
+        ok = self.tuner.finished() if self.tuner is not None else done == len(self.plan.cells)
+        status = "KILLED" if interrupted else "FINISHED" if ok else "FAILED"
         self._end_parent(status)
         self.ledger.set_attr(DRIVER, None)
         self.driver_claim.release()
         self._summary()
-        return 130 if interrupted else 0 if done == len(self.plan.cells) else 1
+        return 130 if interrupted else 0 if ok else 1
+
+    def _tune(self) -> None:
+        assert self.tuner is not None
+        self.tuner.sync(self.ledger, self.score)
 
     def _end_parent(self, status: str) -> None:
         view = self.view
@@ -240,6 +268,9 @@ class _Sweep:
                      f"{fmt_s((ended - self.started).total_seconds())}" if busy is not None else "")
         out.print(f"sweep {plan.experiment}: {self.view.summary()}{busy_text}; results in {self.dir}; MLflow "
                   f"experiment {plan.experiment!r}, parent run {self.parent}", soft_wrap=True)
+        if self.tuner is not None:
+            for line in self.tuner.summary():
+                out.print(f"  {line}", soft_wrap=True)
         for c in self.view.cells:
             if c.state == contract.FAILED:
                 out.print(f"  failed {c.hash} {' '.join(f'{k}={v}' for k, v in c.axes.items())} after "

@@ -105,3 +105,13 @@ def nest(d: dict[str, Any]) -> dict[str, Any]:
         piece = {top: {sub: v}} if dot else {k: v}
         out = deep_merge(out, piece)
     return out
+
+
+def replace_axes(axes: dict[str, list[Any]], new: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """New axes replace the ones over the same fields, joined (a+b) or not."""
+    axes = dict(axes)
+    for key in new:
+        for other in [k for k in axes if set(k.split("+")) & set(key.split("+"))]:
+            del axes[other]
+    axes.update(new)
+    return axes

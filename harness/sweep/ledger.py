@@ -51,6 +51,7 @@ HEARTBEAT = "harness.heartbeat"  # epoch seconds, refreshed by the running worke
 # {state, exit_code, duration_s, run_id, val_reward, error, retry}, from the worker
 OUTCOME = "harness.outcome"
 REAPED = "harness.reaped"        # why a reaper declared the attempt dead
+TUNE = "harness.tune"            # a tuning trial's job: {study, trial, job, jobs, pruner} (harness.sweep.tuning)
 
 # Study attrs, set by the driver, read by every worker.
 MAX_ATTEMPTS = "harness.max_attempts"
@@ -62,6 +63,7 @@ GPUS_PER_JOB = "harness.gpus_per_job"  # the scale's gpus_per_job: how every wor
 DEEPSPEED = "harness.deepspeed"        # the scale's deepspeed setting (none, zero2)
 CELL_TIMEOUT = "harness.cell_timeout_s"    # wall-clock limit of one attempt (harness.sweep.watchdog)
 STALL_TIMEOUT = "harness.stall_timeout_s"  # longest time a job may go without storing a metric
+FEEDING = "harness.feeding"  # true while the driver will queue more (tuning): idle workers wait, not leave
 # {name, device, reference_s} of the sweep's scale (spec.Plan.ledger_scale), written by the driver
 SCALE = "harness.scale"
 # A ledger without SCALE is read by the scale its study name ends in, with these reference costs (None: none).
@@ -176,11 +178,11 @@ class Ledger:
         return out
 
     def enqueue(self, cell: str, axes: dict[str, Any], config: dict[str, Any], cost: float,
-                attempt: int) -> None:
+                attempt: int, tune: dict[str, Any] | None = None) -> None:
         # params are informational (optuna-dashboard shows them); the cell's identity is its hash.
+        attrs = {CELL: cell, AXES: axes, CONFIG: config, COST: cost, ATTEMPT: attempt}
         optuna.load_study(study_name=self.name, storage=self.storage).enqueue_trial(
-            {k: v for k, v in axes.items()},
-            user_attrs={CELL: cell, AXES: axes, CONFIG: config, COST: cost, ATTEMPT: attempt})
+            {k: v for k, v in axes.items()}, user_attrs={**attrs, **({TUNE: tune} if tune else {})})
 
     def pop(self, worker: str, log_for: Callable[[FrozenTrial], Path]) -> FrozenTrial | None:
         """Claim the queued attempt expected to run longest (race-free), record its owner; None when the queue
@@ -332,12 +334,16 @@ class Ledger:
             return False  # a bad-config exit (2) fails the same way again; --retry-failed overrides
         last = trials[-1].user_attrs
         attempt = max(t.user_attrs[ATTEMPT] for t in trials) + 1
-        self.enqueue(cell, last[AXES], last[CONFIG], last[COST], attempt)
+        self.enqueue(cell, last[AXES], last[CONFIG], last[COST], attempt, last.get(TUNE))
         return True
 
     def settled(self) -> bool:
-        """Nothing queued and nothing alive running: workers may leave."""
+        """Nothing queued, nothing alive running, and no live driver about to queue more: workers may
+        leave."""
         now = time.time()
+        driver = self.attr(DRIVER) or {}
+        if self.attr(FEEDING) and now - driver.get("heartbeat", 0) < self.stale_after:
+            return False
         return not any(t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and self.alive(t, now))
                        for t in self.trials((TrialState.WAITING, TrialState.RUNNING)))
 

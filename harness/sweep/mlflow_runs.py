@@ -24,9 +24,13 @@ def open_experiment(plan: Plan) -> tuple[MlflowClient, str]:
     question its analysis tests."""
     client = tracking.client()
     experiment_id = tracking.ensure_experiment(client, plan.experiment)
-    scale = plan.spec.scales[plan.scale]
+    scale = plan.spec.scales[plan.base_scale]
     h = plan.hypothesis
-    about = (f"{plan.spec.description}\n\nScale {plan.scale}: {scale.description}\n\nDeclared question: "
+    stage = {"tune": "\n\nTuning stage: each objective's knobs tuned with the same number of Optuna trials on "
+                     "tuning seeds; runs tagged harness.tune_study and harness.tune_trial.",
+             "compare": "\n\nCompare stage: each objective at its best tuned setting (sweep's parent run "
+                        "params tuned.*)."}.get(plan.stage, "")
+    about = (f"{plan.spec.description}\n\nScale {plan.scale}: {scale.description}{stage}\n\nDeclared question: "
              f"{h.measure}, each objective against {h.baseline or 'the first objective'}, {h.contrast} over "
              f"{h.cells}, alpha {h.alpha:g}, equivalence margin {h.margin:g}."
              + (f" Confirms the exploration {scale.confirms} on fresh seeds." if scale.confirms else ""))
@@ -47,12 +51,13 @@ def start_parent(client: MlflowClient, experiment_id: str, plan: Plan, options: 
     params = {"spec": str(plan.spec_path), "scale": plan.scale, "cells": str(len(plan.cells)),
               "rollout_batches": str(plan.base["rollout_batches"]), "seeds": json.dumps(plan.seeds),
               "axes": json.dumps(plan.axes)[:6000],
-              "scale_description": plan.spec.scales.get(plan.scale).description,
+              "scale_description": plan.spec.scales[plan.base_scale].description, "stage": plan.stage,
+              **{f"tuned.{o}.{k}": str(v) for o, knobs in plan.tuned.items() for k, v in knobs.items()},
               **{k: str(v) for k, v in options.items()}}
     for k, v in params.items():
         client.log_param(run.info.run_id, k, v)
     client.log_artifact(run.info.run_id, str(plan.spec_path))
-    for extended in sorted({e for e in (plan.spec.extends, plan.spec.scales[plan.scale].extends) if e}):
+    for extended in sorted({e for e in (plan.spec.extends, plan.spec.scales[plan.base_scale].extends) if e}):
         client.log_artifact(run.info.run_id, str(plan.spec_path.parent / extended), "extends")
     return run.info.run_id
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from harness.hypothesis import Hypothesis
 from harness.sweep.cost import PROXY_REFERENCE_S
+from harness.sweep.tune_spec import TuneSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,10 @@ class ScaleSpec(BaseModel):
         None, ge=1, description="run on-policy cells (batch ratio x iterations = 1) with only the first n seeds: "
                                 "their objectives' differences are exactly 0 by construction, so the control "
                                 "needs one or two (default: every seed)")
+    tune: TuneSpec | None = Field(
+        None, description="a tuning stage before the comparison: each objective's knobs tuned with the same "
+                          "Optuna budget on tuning seeds, then compared at its best setting "
+                          "(harness/sweep/tune_spec.py)")
     reference_s: tuple[Seconds, Seconds] | None = Field(
         CPU_DEFAULTS.reference_s,
         description="[start-up s, s per cost unit] of a job on the reference machine: the queue's order and "

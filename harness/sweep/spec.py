@@ -55,8 +55,10 @@ from harness.sweep.fields import (
     grid_point,
     leaf_keys,
     nest,
+    replace_axes,
 )
 from harness.sweep.scales import CPU_DEFAULTS, DEFAULT_DEVICE, ScaleSpec
+from harness.sweep.tune_spec import check_tune
 from harness.trl_args import shape_of
 
 # A study or scale name: a folder name and part of an MLflow experiment name.
@@ -158,6 +160,18 @@ class Cell:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage:
+    """How a stage of a tuned scale changes its grid (harness.sweep.stages): `tune` runs the trials' template
+    cells (the tuning cells and seeds, ledger `<scale>/tune`); `compare` runs the grid with each objective's
+    tuned knobs."""
+
+    name: str  # tune | compare
+    cells: list[list[int]] | None = None  # [batch_ratio, iterations] pairs replacing the scale's
+    seeds: list[int] | None = None
+    per_objective: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # dotted key -> value
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """A spec resolved at one scale: what a sweep invocation enqueues."""
 
@@ -175,6 +189,8 @@ class Plan:
     device: str = DEFAULT_DEVICE  # the scale's: cuda jobs need GPUs wherever a worker runs
     reference_s: tuple[float, float] | None = CPU_DEFAULTS.reference_s  # the scale's (harness.sweep.cost)
     confirms: str | None = None  # the exploratory scale this one confirms
+    stage: str = "grid"  # grid (a scale without tune:), tune or compare
+    tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # compare: objective -> knobs
 
     @property
     def study(self) -> str:
@@ -187,7 +203,12 @@ class Plan:
     @property
     def hypothesis(self) -> Hypothesis:
         """The question this scale's runs answer: its own, else the sweep's."""
-        return self.spec.scales[self.scale].hypothesis or self.spec.hypothesis
+        return self.spec.scales[self.base_scale].hypothesis or self.spec.hypothesis
+
+    @property
+    def base_scale(self) -> str:
+        """The sweep file's scale (a tuning stage runs as `<scale>/tune`)."""
+        return contract.split_stage(self.scale)[0]
 
     def ledger_scale(self) -> dict[str, Any]:
         """The scale as its ledger records it (harness.sweep.ledger.SCALE), for workers that have no spec."""
@@ -230,6 +251,7 @@ def load_spec(name: str) -> tuple[SweepSpec, Path]:
         check_section(path, f"scales.{name_}.", s.base, s.axes, s.seeds)
         if s.extends:
             _job_config(path, f"scales.{name_}.", s.extends)
+        check_tune(spec, path, name_)
     return spec, path
 
 
@@ -242,14 +264,12 @@ def scale_spec(spec: SweepSpec, path: Path, scale: str) -> ScaleSpec:
     return s
 
 
-def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] = ()) -> Plan:
-    """Resolve one scale (plus `--set key=value` overrides) into validated cells."""
+def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] = (),
+              stage: Stage | None = None) -> Plan:
+    """Resolve one scale (plus `--set key=value` overrides) into validated cells; a stage of a tuned scale
+    (harness.sweep.stages) changes its cells, seeds or per-objective knobs after the overrides."""
     s = scale_spec(spec, path, scale)
-    axes = dict(spec.axes)
-    for key in s.axes:  # a scale's axis replaces the sweep's axes over the same fields, joined (a+b) or not
-        for other in [k for k in axes if set(k.split("+")) & set(key.split("+"))]:
-            del axes[other]
-    axes.update(s.axes)
+    axes = replace_axes(spec.axes, s.axes)
     base = deep_merge(deep_merge(_extended(spec, path, scale, axes), nest(spec.base)), nest(s.base))
     seeds = list(s.seeds if s.seeds is not None else spec.seeds)
     for item in overrides:
@@ -274,17 +294,25 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
     if s.confirms is not None and set(seeds) & spec.seeds_of(s.confirms):
         raise ConfigError(f"--set seed: {sorted(set(seeds) & spec.seeds_of(s.confirms))} also seed the "
                           f"exploration {s.confirms!r} that scale {scale!r} confirms; allowed: fresh seeds")
+    if stage is not None and stage.cells is not None:
+        axes = replace_axes(axes, {"batch_ratio+iterations": stage.cells})
+    if stage is not None and stage.seeds is not None:
+        seeds = list(stage.seeds)
+    label_scale = contract.tune_scale(scale) if stage is not None and stage.name == "tune" else scale
+    tuned = stage.per_objective if stage is not None else {}
     if "rollout_batches" not in base:
         raise ConfigError(f"{path}: scales.{scale}.base.rollout_batches: required (the training budget must "
                           "be explicit); set it in base, in the scale or in the job config it extends")
-    experiment = contract.experiment_name(spec.study, scale)
+    experiment = contract.experiment_name(spec.study, label_scale)
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     for seed in seeds:
         for combo in itertools.product(*axes.values()):
             point = grid_point(axes, combo)
             raw_cfg = deep_merge(base, nest(point))
-            if s.on_policy_seeds is not None and seed not in seeds[:s.on_policy_seeds] and _on_policy(raw_cfg):
+            raw_cfg = deep_merge(raw_cfg, nest(tuned.get(raw_cfg.get("objective"), {})))
+            if (s.on_policy_seeds is not None and label_scale == scale and seed not in seeds[:s.on_policy_seeds]
+                    and _on_policy(raw_cfg)):
                 continue
             raw_cfg.update(seed=seed, experiment=experiment)
             label = " ".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())
@@ -304,9 +332,11 @@ def make_plan(spec: SweepSpec, path: Path, scale: str, overrides: Sequence[str] 
     # Heaviest first, then by seed: the order the queue hands cells out in (harness.sweep.cost), so N workers
     # end the grid on short jobs together; a cell's objectives, of equal cost, run side by side.
     ordered = sorted(cells, key=lambda c: (-c.cost, seeds.index(c.axes["seed"])))
-    return Plan(spec_path=path, spec=spec, scale=scale, base=base, axes=axes, seeds=seeds, cells=ordered,
+    return Plan(spec_path=path, spec=spec, scale=label_scale, base=base, axes=axes, seeds=seeds, cells=ordered,
+                stage=stage.name if stage is not None else "grid", tuned=dict(tuned),
                 gpus_per_job=s.gpus_per_job, deepspeed=s.deepspeed, cell_timeout_s=60 * s.cell_timeout_min,
-                stall_timeout_s=60 * s.stall_timeout_min, device=s.device, confirms=s.confirms,
+                stall_timeout_s=60 * s.stall_timeout_min, device=s.device,
+                confirms=s.confirms if label_scale == scale else None,
                 reference_s=tuple(s.reference_s) if s.reference_s is not None else None)
 
 

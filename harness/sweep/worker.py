@@ -20,6 +20,7 @@ machine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -40,7 +41,7 @@ from harness.launch import job_command, train_command
 from harness.sweep import adopt, outcome
 from harness.sweep.forkserver import Forkserver
 from harness.sweep.heartbeat import Heartbeat
-from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, Ledger
+from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, TUNE, Ledger
 from harness.sweep.processes import die_with_parent, has_nvidia_devices, job_env, pid_start, signal_group
 from harness.sweep.storage import open_storage
 from harness.sweep.watchdog import Watchdog
@@ -198,6 +199,9 @@ class Worker:
         tags = contract.RunIdentity(study=self.opts.study, scale=self.opts.scale, cell=job.cell,
                                     attempt=job.attempt, axes=job.trial.user_attrs[AXES],
                                     gpus_per_job=job.per_job, deepspeed=job.deepspeed).to_tags()
+        tune = job.trial.user_attrs.get(TUNE)
+        if tune:
+            tags.update({contract.TUNE_STUDY: tune["study"], contract.TUNE_TRIAL: str(tune["trial"])})
         cmd = [*job_command(job.per_job, job.deepspeed), str(job.config_file),
                *[a for k, v in tags.items() for a in ("--tag", f"{k}={v}")], "--result", str(job.result)]
         parent = self.ledger.attr(PARENT_RUN)
@@ -208,6 +212,10 @@ class Worker:
     def _launch(self, job: _Job, cmd: list[str]) -> Any:
         """Fork the job from the forkserver, or exec it: in its own session, dying with this worker."""
         env = {**job_env(self.opts.gpus), PROGRESS_ENV: str(job.progress)}
+        tune = job.trial.user_attrs.get(TUNE)
+        if tune:  # the job reports its evaluations to its trial, whose pruner may stop it (harness.pruning)
+            storage = self.opts.storage if "://" in self.opts.storage else str(Path(self.opts.storage).resolve())
+            env[contract.TUNE_ENV] = json.dumps({**tune, "storage": storage})
         fork = self._forks(job.per_job, job.config)
         if fork and not self.forkserver.serves(code_state()):
             log.info("cell %s: the source changed since the forkserver loaded it; exec'ing the job", job.cell)
