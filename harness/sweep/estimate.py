@@ -48,7 +48,15 @@ def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
 
     rate = plan.reference_s
     rows = [cell_row(c, rate) for c in plan.cells]
-    table = Table(title=f"{plan.experiment}: {len(rows)} cells, in the order workers take them")
+    title = f"{plan.experiment}: {len(rows)} cells, in the order workers take them"
+    if plan.stage == "tune":  # each row runs once per trial, with the trial's knobs
+        tune = plan.spec.scales[plan.base_scale].tune
+        trials = {o: tune.trials_of(o) for o in sorted({c.config.objective for c in plan.cells})}
+        title = (f"{plan.experiment}: {len(rows)} template cells, each run once per trial of its objective "
+                 f"({', '.join(f'{o} {n}' for o, n in trials.items())} trials), with the trial's "
+                 f"{', '.join(sorted({k for o in trials for k in tune.knobs_of(o)}))}")
+        rows = [r for c in plan.cells for r in [cell_row(c, rate)] * trials[c.config.objective]]
+    table = Table(title=title)
     for key in rows[0] if rows else ():
         table.add_column(key if key != "est_s" else "est. time", no_wrap=key == "cell")
     for r in rows:
@@ -62,7 +70,8 @@ def print_dry_run(plan: Plan, workers: int, out: Any) -> None:
         wall = makespan([r["est_s"] for r in rows], workers)
         out.print(f"estimated time: {fmt_s(total)} of jobs; {fmt_s(wall)} wall with {workers} worker(s) "
                   "(one job per core on the 2-core reference machine; start-up of the proxy model's warm "
-                  "start not included)", soft_wrap=True)
+                  "start not included" + ("; pruned trials end sooner" if plan.stage == "tune" else "") + ")",
+                  soft_wrap=True)
     if plan.confirms is not None:
         for line in power_lines(plan):
             out.print(line, soft_wrap=True)
