@@ -25,6 +25,7 @@ class StudyPaths:
     cache: Path  # runs/: per-run parquet files of finished runs (published with the study)
     figures: Path
     tables: Path
+    tune_cache: Path  # tune/runs/: the runs of a tuned scale's tuning stage (analysis.tuning)
 
     @property
     def readme(self) -> Path:
@@ -38,6 +39,7 @@ def study_paths(results_dir: str | Path, study: str, scale: str, cache_dir: str 
         cache=Path(cache_dir) if cache_dir is not None else root / "runs",
         figures=root / "figures",
         tables=root / "tables",
+        tune_cache=Path(cache_dir) / "tune" if cache_dir is not None else root / "tune" / "runs",
     )
 
 

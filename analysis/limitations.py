@@ -61,9 +61,18 @@ def limitation_lines(data: StudyData, summaries: pd.DataFrame, declared: Declare
                  f"{_one(_param(params, 'generation_batch_size'))} completions per run; validation every "
                  f"{_one(_param(params, 'eval_every'))} rollout batches on one fixed set of {_one(prompts)} prompts "
                  "(the same prompts for every run and seed)" + _binomial_se(summaries, prompts) + ".")
-    lr = _one(_param(params, "trl.learning_rate"))
-    origin = declared.learning_rate_from or "the sweep file does not say where it came from (learning_rate_from)"
-    lines.append(f"- Learning rate: {lr} for every objective, not tuned per objective; {origin}.")
+    if declared.tune:
+        by_objective = data.runs.groupby("base_objective")["params"].first().map(json.loads)
+        rates = ", ".join(f"{o} {float(p['trl.learning_rate']):.3g}" if "trl.learning_rate" in p else f"{o} not logged"
+                          for o, p in by_objective.items())
+        tuned = sorted({k for section in (declared.tune.get("knobs") or {}).values() for k in section})
+        lines.append(f"- Learning rate: {rates}; tuned per objective ({', '.join(tuned)}) in the tuning stage "
+                     "(section Tuning), each objective with the trial budget it states; every knob not tuned is "
+                     "shared.")
+    else:
+        lr = _one(_param(params, "trl.learning_rate"))
+        origin = declared.learning_rate_from or "the sweep file does not say where it came from (learning_rate_from)"
+        lines.append(f"- Learning rate: {lr} for every objective, not tuned per objective; {origin}.")
     lines.append(f"- Optimizer batch (completions per optimizer step = generation batch / batch ratio): "
                  f"{_optimizer_batches(summaries, params)}: a higher batch ratio also means noisier gradients.")
     lines.append(_clipping_line(summaries, params))

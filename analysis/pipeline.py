@@ -24,6 +24,7 @@ from analysis.runs import RunInfo
 from analysis.style import objective_order
 from analysis.summary import run_summaries
 from analysis.tables import cell_table, run_table
+from analysis.tuning import load_tuning, tuning_figures, write_tuning_tables
 from analysis.verdicts import COLLAPSE_COLUMNS, VERDICT_COLUMNS, collapse_table, contrast_cells, verdict_table
 from harness.hypothesis import COMPARED_MEASURES
 
@@ -82,6 +83,9 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
                                 "comparison needs at least two")
         check_baseline(objectives, baseline)
         contrast_cells({(i.batch_ratio, i.iterations) for i in chosen}, decl.hypothesis)  # before the cache is written
+        check_code(chosen)
+
+    def check_code(chosen: list[RunInfo]) -> None:
         versions = code_versions(chosen)
         if is_published(paths.root) and not allow_dirty and not one_clean_commit(versions):
             listing = "; ".join(f"{k}: {v} runs" for k, v in versions.items())
@@ -92,6 +96,8 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
     data = load_study(study, scale, tracking_uri=uri, cache_dir=paths.cache, offline=offline, only=only,
                       validate=validate)
     data.require(REQUIRED)
+    tuning = load_tuning(study, scale, decl.tune, decl.hypothesis.measure, data.runs, tracking_uri=uri,
+                         cache_dir=paths.tune_cache, offline=offline, validate=check_code) if decl.tune else None
     lap("load")
     versions = code_versions(_infos(data))
     stamp = None
@@ -114,15 +120,20 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
     lap("analyse")
     tables = write_tables(table, paired_rows, agg, collapse, run_table(summaries, verdicts), axes, paths.tables,
                           study, scale, hyp.margin, hyp.alpha, stamp)
+    if tuning is not None:
+        tables.update(write_tuning_tables(tuning, paths.tables, stamp))
     lap("tables")
     figs, report = {}, None
     if figures:
         figs = make_figures(data, table, paths.figures, agg, axes)
+        if tuning is not None:
+            figs.update(tuning_figures(tuning, paths.figures, study, scale))
         lap("figures")
         command = command or f"python -m analysis figures {study} --scale {scale}"
         analysis = {"baseline": base, "axes": axes, "paired": paired_rows, "aggregate": agg, "collapse": collapse,
                     "control": ctl, "versions": versions, "stamp": stamp, "summaries": summaries,
-                    "declared": decl, "baseline_overridden": baseline is not None and baseline != hyp.baseline}
+                    "declared": decl, "baseline_overridden": baseline is not None and baseline != hyp.baseline,
+                    "tuning": tuning}
         report = write_report(data, verdicts, table, analysis, figs, tables, paths.readme, rules, command,
                               paths.cache)
         if not data.source.startswith("cache "):  # read from MLflow: the report goes next to the runs there

@@ -1,5 +1,6 @@
 """What a study declared before its runs: the `hypothesis:` and `learning_rate_from:` of its sweep file, and,
-for a confirmatory scale (`confirms:`), its own hypothesis and the exploration it came from.
+for a confirmatory scale (`confirms:`), its own hypothesis and the exploration it came from; for a tuned scale
+(`tune:`), its tuning section.
 
 The sweep file is `--spec PATH`, else `sweeps/<study>.yaml` under the working directory or the repository. A
 study without a sweep file, or a sweep file without `hypothesis:`, gets the default question (harness.hypothesis)
@@ -27,6 +28,7 @@ class Declared:
     exploration: str | None = None  # the exploratory scale a confirmatory scale confirms
     exploration_seeds: tuple[int, ...] = ()
     confirmed_by: tuple[str, ...] = ()  # the confirmatory scales that test what this (exploratory) scale suggested
+    tune: dict | None = None  # the scale's `tune:` section, when its objectives were tuned first (analysis.tuning)
 
 
 def find_spec(study: str, spec: str | Path | None) -> Path | None:
@@ -67,4 +69,6 @@ def declared(study: str, spec: str | Path | None = None, scale: str | None = Non
     explored = scales.get(exploration) if isinstance(scales.get(exploration), dict) else {}
     seeds = tuple(explored.get("seeds") or raw.get("seeds") or ()) if exploration else ()
     confirmed_by = tuple(n for n, s in scales.items() if isinstance(s, dict) and s.get("confirms") == scale)
-    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""), exploration, seeds, confirmed_by)
+    tune = own.get("tune") if isinstance(own.get("tune"), dict) else None
+    return Declared(hypothesis, source, str(raw.get("learning_rate_from") or ""), exploration, seeds, confirmed_by,
+                    tune)

@@ -23,6 +23,7 @@ from analysis.question import Declared
 from analysis.stats import LEVEL, POWER
 from analysis.style import objective_order
 from analysis.summary import LAST_K, SE_MARGIN
+from analysis.tuning import tuning_lines
 from harness.contract import on_policy
 
 
@@ -221,6 +222,8 @@ def write_report(data: StudyData, verdicts: pd.DataFrame, table: pd.DataFrame, a
     md += [*negative_control_lines(a["aggregate"], table, a["baseline"], alpha)]
     if diverged:
         md += ["", f"{_n(diverged, 'run')} diverged; scored 0 from the divergence on."]
+    if a.get("tuning") is not None:
+        md += ["", *tuning_lines(a["tuning"], a["declared"].source.split(" ")[0], figures, rel)]
     md += ["", "## Limitations: what these results are conditional on", "",
            *limitation_lines(data, a["summaries"], a["declared"]), "",
            "## How it was compared", "",

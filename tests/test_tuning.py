@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -132,6 +133,23 @@ def test_tuning_end_to_end_prunes_a_trial_and_compares_at_the_best_setting(tmp_p
     parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("harness.sweep") == "true"]
     assert parent[0].data.params["tuned.grpo.eval_every"] == "4" and parent[0].data.params["stage"] == "compare"
     assert "tuned grpo: 2/2 trials (1 complete, 1 pruned)" in r.stdout
+
+    # the analysis of the comparison reports the tuning from its runs: trials, the setting compared, pruning
+    a = subprocess.run([sys.executable, "-m", "analysis", "figures", "tune-test", "--scale", "cpu", "--spec",
+                        str(path), "--results-dir", str(results)], cwd=REPO, env=harness_env, capture_output=True,
+                       text=True, timeout=300)
+    assert a.returncode == 0, a.stderr[-3000:]
+    out = results / "tune-test" / "cpu"
+    table = pd.read_csv(out / "tables" / "tuning.csv")
+    assert sorted(zip(table["objective"], table["eval_every"], table["state"], table["compared_at"])) == [
+        ("cfpo", 1, "pruned", False), ("cfpo", 4, "complete", True),
+        ("grpo", 1, "pruned", False), ("grpo", 4, "complete", True)]
+    readme = (out / "README.md").read_text()
+    assert "## Tuning" in readme and "Each objective ran 2 trials (an equal budget)" in readme
+    assert "Pruning stopped 2 of 4 trials early and saved 6 of 16 rollout batches (38%" in readme
+    assert "The settings compared are the best trials recomputed from these runs." in readme
+    assert (out / "figures" / "sensitivity_eval_every.png").is_file()
+    assert len(list((out / "tune" / "runs").glob("*.parquet"))) == 4  # the tuning runs travel with the study
 
 
 def test_kill_9_mid_trial_then_resume_loses_and_repeats_no_finished_trial(tmp_path, harness_env):

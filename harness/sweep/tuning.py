@@ -38,6 +38,11 @@ CELLS = "harness.cells"  # on a tuning trial: the config hashes of its jobs
 SCORES = "harness.scores"  # on a tuning trial: each job's primary measure
 
 
+def best_of(complete: list[FrozenTrial]) -> FrozenTrial:
+    """The highest score; a tie goes to the earliest trial (whatever order a storage returns them in)."""
+    return max(complete, key=lambda t: (t.value, -t.number))
+
+
 def study_name(experiment: str, objective: str) -> str:
     return f"{experiment}:{objective}"
 
@@ -115,7 +120,7 @@ class Tuner:
             states = {s: sum(1 for t in trials if t.state == s) for s in TrialState}
             counts = ", ".join(f"{n} {s.name.lower()}" for s, n in states.items() if n)
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            best = max(complete, key=lambda t: t.value) if complete else None
+            best = best_of(complete) if complete else None
             at = (f"; best {self.plan.hypothesis.measure} {best.value:.4f} at "
                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
                   + f" (trial {best.number})") if best else ""
@@ -169,7 +174,7 @@ def best_knobs(storage: Any, experiment: str, objectives: list[str], trials: dic
         if len(done) < trials[o] or not complete:
             short.append(f"{o} {len(done)}/{trials[o]}" + ("" if complete else ", none complete"))
             continue
-        out[o] = dict(study.best_trial.params)
+        out[o] = dict(best_of(complete).params)
     if short:
         raise ConfigError(f"--stage compare: the tuning stage of {experiment.rsplit('/', 1)[0]} has not finished "
                           f"({'; '.join(short)} trials); run `sweep --stage tune` first")
