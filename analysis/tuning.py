@@ -65,14 +65,17 @@ def load_tuning(study: str, scale: str, spec: dict, measure: str, compare_runs: 
         knobs = [k for k in axes if k != TRIAL] or knobs
         rows.append({"objective": row["base_objective"], "trial": int(axes[TRIAL]), **{n: axes[n] for n in knobs},
                      "status": row["status"], "value": row[measure], "budget": row["budget"],
+                     "start": row["start_val"], "final": row["final_val"],
                      "stopped_rb": float(val.get(run_id, np.nan))})
     per_run = pd.DataFrame(rows)
     trials = per_run.groupby(["objective", "trial", *knobs], sort=False).agg(
         jobs=("status", "size"), pruned=("status", lambda s: bool((s == contract.PRUNED).any())),
         diverged=("status", lambda s: int((s == contract.DIVERGED).sum())), score=("value", "mean"),
-        stopped_rb=("stopped_rb", "min"), budget=("budget", "max")).reset_index()
+        stopped_rb=("stopped_rb", "min"), budget=("budget", "max"), start=("start", "mean"),
+        final=("final", "mean")).reset_index()
     trials["state"] = np.where(trials["pruned"], "pruned", "complete")
-    trials.loc[trials["pruned"], "score"] = np.nan
+    trials.loc[trials["pruned"], ["score", "final"]] = np.nan
+    trials["gain"] = trials["final"] - trials["start"]  # did the trial train at all, or stay at its warm start?
     order = {o: i for i, o in enumerate(objective_order(trials["objective"]))}
     trials = (trials.assign(rank=trials["objective"].map(order)).sort_values(["rank", "trial"])
               .drop(columns="rank").reset_index(drop=True))
@@ -105,6 +108,20 @@ def near_best(tuning: Tuning, objective: str, knob: str) -> tuple[int, int, floa
         return len(near), len(t), math.nan, math.nan, None
     span = math.log10(hi / lo) if knob in tuning.log_knobs and lo > 0 else hi - lo
     return len(near), len(t), lo, hi, span
+
+
+def at_edge(tuning: Tuning, objective: str, knob: str, value: object) -> str | None:
+    """'lower' or 'upper' when `value` lies in the outer tenth of the knob's declared range (log scale for a log
+    knob); None inside, or for a knob without a numeric range."""
+    ranges = tuning.spec.get("knobs") or {}
+    r = {**(ranges.get("all") or {}), **(ranges.get(objective) or {})}.get(knob)
+    if not isinstance(r, dict) or "low" not in r or "high" not in r:
+        return None
+    lo, hi, v = float(r["low"]), float(r["high"]), float(value)  # type: ignore[arg-type]
+    if r.get("log"):
+        lo, hi, v = math.log(lo), math.log(hi), math.log(v)
+    where = (v - lo) / (hi - lo)
+    return "lower" if where < 0.1 else "upper" if where > 0.9 else None
 
 
 def pruning_saved(tuning: Tuning) -> tuple[float, float]:
@@ -154,7 +171,8 @@ def sensitivity_figure(tuning: Tuning, knob: str, study: str, scale: str) -> Fig
 def trial_table(tuning: Tuning) -> pd.DataFrame:
     """The trials as published (tables/tuning.csv)."""
     t = tuning.trials
-    out = t[["objective", "trial", *tuning.knobs, "state", "score", "jobs", "diverged", "stopped_rb"]].copy()
+    out = t[["objective", "trial", *tuning.knobs, "state", "score", "start", "final", "gain", "jobs", "diverged",
+             "stopped_rb"]].copy()
     out["compared_at"] = [all(_same(tuning.compared.get(o, {}).get(k), r[k]) for k in tuning.knobs)
                           for o, (_, r) in zip(t["objective"], t.iterrows())]
     return out
@@ -173,7 +191,8 @@ def write_tuning_tables(tuning: Tuning, folder: Path, stamp: str | None) -> dict
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / "tuning.csv", folder / "tuning.md"
     (t.assign(stamp=stamp) if stamp else t).to_csv(csv, index=False, float_format="%.6g")
-    shown = t.assign(score=t["score"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+    shown = t.assign(**{c: t[c].map(lambda v, f=f: "" if pd.isna(v) else format(v, f))
+                        for c, f in (("score", ".4f"), ("start", ".4f"), ("final", ".4f"), ("gain", "+.4f"))},
                      stopped_rb=t["stopped_rb"].map(lambda v: f"{v:g}"),
                      compared_at=t["compared_at"].map(lambda v: "**yes**" if v else ""),
                      **{k: t[k].map(lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)) for k in tuning.knobs})
@@ -225,6 +244,17 @@ def tuning_lines(tuning: Tuning, source: str, figures: dict[str, list[Path]], re
         md.append(f"| {o} | {at} | " + (f"{int(best['trial'])} ({best['score']:.4f})" if best is not None else "none")
                   + f" | {int((rows['state'] == 'complete').sum())} / {int(rows['pruned'].sum())} / "
                   f"{int((rows['diverged'] > 0).sum())} | {n_near} of {n} | {'; '.join(spans)} |")
+    for o in objectives:
+        best = tuning.best(o)
+        for knob in tuning.knobs if best is not None else []:
+            edge = at_edge(tuning, o, knob, best[knob])
+            if edge:
+                md.append(f"- **{o}'s best {knob} ({_fmt(best[knob])}) is at the {edge} edge of the range searched**: "
+                          "its optimum may lie outside it; widen the range before reading the comparison as tuned.")
+        if best is not None and abs(best["gain"]) < tuning.tolerance:
+            md.append(f"- {o}'s best trial barely moved from its warm start (final - start {best['gain']:+.4f}): "
+                      "at this setting it hardly trains, so the comparison may say more about not moving than about "
+                      "the objective.")
     saved, full = pruning_saved(tuning)
     md += ["", f"- Pruning stopped {int(t['pruned'].sum())} of {len(t)} trials early and saved {saved:g} of "
            f"{full:g} rollout batches ({saved / full:.0%} of the tuning budget)." if full else "",
