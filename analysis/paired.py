@@ -131,8 +131,15 @@ class Control:
     detail: str  # one sentence for the report
 
 
-def control(paired_rows: pd.DataFrame) -> Control:
-    """The on-policy control (see the module docstring) over every comparison of two CONTROL_OBJECTIVES."""
+def control(paired_rows: pd.DataFrame, tuned_apart: list[str] | None = None) -> Control:
+    """The on-policy control (see the module docstring) over every comparison of two CONTROL_OBJECTIVES.
+    tuned_apart: knobs the objectives were tuned to different values of (analysis.tuning); then their
+    on-policy runs differ by those too, and the exact-0 check does not apply."""
+    if tuned_apart:
+        return Control("not applicable", "the objectives ran at different tuned settings ("
+                       + ", ".join(tuned_apart) + "), so on the on-policy cell they differ by those as well as by "
+                       "the objective; the exact-0 check holds only between objectives that share every other "
+                       "setting.")
     on = paired_rows[np.array([on_policy(int(b), int(i)) for b, i in zip(paired_rows["batch_ratio"],
                                                                         paired_rows["iterations"])], bool)]
     on = on[np.array([{o, b} <= CONTROL_OBJECTIVES for o, b in zip(on["objective"], on["baseline"])], bool)]

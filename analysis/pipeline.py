@@ -116,7 +116,7 @@ def regenerate(study: str, scale: str = "proxy", *, results_dir: str | Path = "r
     else:
         paired_rows = pd.DataFrame(columns=["batch_ratio", "iterations", *axes, *PAIRED_COLUMNS, "seeds"])
         agg, collapse = pd.DataFrame(columns=VERDICT_COLUMNS), pd.DataFrame(columns=COLLAPSE_COLUMNS)
-    ctl = control(paired_rows)
+    ctl = control(paired_rows, tuning.apart() if tuning is not None else None)
     lap("analyse")
     tables = write_tables(table, paired_rows, agg, collapse, run_table(summaries, verdicts), axes, paths.tables,
                           study, scale, hyp.margin, hyp.alpha, stamp)

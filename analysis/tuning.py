@@ -44,6 +44,10 @@ class Tuning:
     def tolerance(self) -> float:
         return float(self.spec.get("tolerance", 0.02))
 
+    def apart(self) -> list[str]:
+        """The knobs the objectives were compared at different values of."""
+        return [k for k in self.knobs if len({_key(v.get(k)) for v in self.compared.values()}) > 1]
+
     def best(self, objective: str) -> pd.Series | None:
         done = self.trials[(self.trials["objective"] == objective) & self.trials["score"].notna()]
         return done.sort_values(["score", "trial"], ascending=[False, True]).iloc[0] if len(done) else None
@@ -176,6 +180,10 @@ def trial_table(tuning: Tuning) -> pd.DataFrame:
     out["compared_at"] = [all(_same(tuning.compared.get(o, {}).get(k), r[k]) for k in tuning.knobs)
                           for o, (_, r) in zip(t["objective"], t.iterrows())]
     return out
+
+
+def _key(value: object) -> object:
+    return round(float(value), 12) if isinstance(value, float) else value  # type: ignore[arg-type]
 
 
 def _same(a: object, b: object) -> bool:
