@@ -35,6 +35,8 @@ STUDY = "harness.study"
 SCALE = "harness.scale"
 CELL = "harness.cell"  # the job's config hash, seed included (set by the sweep)
 ATTEMPT = "harness.attempt"  # 1-based attempt number at the cell
+# the id of the ledger whose attempt the run is: only that ledger adopts or tidies it (harness.sweep.adopt)
+LEDGER = "harness.ledger"
 AXES = "harness.axes"  # JSON of the cell's axis values, seed included
 GPUS_PER_JOB = "harness.gpus_per_job"
 DEEPSPEED = "harness.deepspeed"
@@ -77,12 +79,15 @@ class RunIdentity:
     axes: dict[str, Any]
     gpus_per_job: int = 1
     deepspeed: str | None = None  # only for multi-process jobs
+    ledger: str | None = None  # the ledger's id (None: a ledger made before ledgers had ids)
 
     def to_tags(self) -> dict[str, str]:
         tags = {STUDY: self.study, SCALE: self.scale, CELL: self.cell, ATTEMPT: str(self.attempt),
                 GPUS_PER_JOB: str(self.gpus_per_job), AXES: json.dumps(self.axes, sort_keys=True)}
         if self.gpus_per_job > 1:
             tags[DEEPSPEED] = str(self.deepspeed)
+        if self.ledger:
+            tags[LEDGER] = self.ledger
         return tags
 
     @classmethod
@@ -96,7 +101,8 @@ class RunIdentity:
             axes = {}
         return cls(study=tags.get(STUDY, ""), scale=tags.get(SCALE, ""), cell=tags[CELL],
                    attempt=_int(tags.get(ATTEMPT), -1), axes=axes if isinstance(axes, dict) else {},
-                   gpus_per_job=_int(tags.get(GPUS_PER_JOB), 1), deepspeed=tags.get(DEEPSPEED))
+                   gpus_per_job=_int(tags.get(GPUS_PER_JOB), 1), deepspeed=tags.get(DEEPSPEED),
+                   ledger=tags.get(LEDGER))
 
 
 def _int(value: str | None, default: int) -> int:

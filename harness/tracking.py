@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness import contract
 from harness.contract import artifact_location, results_root, tracking_uri
+from harness.redact import redact
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -54,7 +55,17 @@ def unreachable(uri: str | None = None, timeout_s: float = 5.0) -> str | None:
         why = f"HTTP {answer.status_code}"
     except requests.RequestException as e:
         why = type(e).__name__
-    return f"MLflow tracking server {uri} is unreachable ({why})"
+    return f"MLflow tracking server {redact(uri)} is unreachable ({why})"
+
+
+def require_reachable() -> None:
+    """A tracking server that does not answer now is refused: ConfigError, one line (exit 2)."""
+    down = unreachable()
+    if down:
+        from harness.config import ConfigError
+
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {down}; start it, or point MLFLOW_TRACKING_URI at one that "
+                          "answers")
 
 
 def client() -> MlflowClient:
@@ -179,7 +190,7 @@ class RunLogger:
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -187,7 +198,8 @@ class RunLogger:
         from mlflow.entities import RunTag
 
         self.flush()  # a status tag never gets ahead of the metrics it describes
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        # A tag can hold an error text, whose URLs carry their passwords (harness.redact).
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, Any], step: int, flush: bool = True) -> None:
         """Record one step's metrics (timestamped now); stored at once, or with the next flush."""

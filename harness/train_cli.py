@@ -12,6 +12,7 @@ import sys
 
 from harness import contract
 from harness.config import ConfigError, load_config
+from harness.redact import redact, redacted_streams
 
 
 def _kv(item: str) -> tuple[str, str]:
@@ -24,6 +25,7 @@ def _kv(item: str) -> tuple[str, str]:
 def _train(args: argparse.Namespace) -> int:
     from harness.job import run_job
 
+    _check_tracking()  # first: a config is seconds of imports to check, a down server one request
     cfg = load_config(args.config, args.overrides)
     _check_paths(cfg, args.result)
     result = run_job(cfg, tags=dict(args.tag), parent_run_id=args.parent_run_id, result_path=args.result)
@@ -43,6 +45,14 @@ def _check_paths(cfg, result: str | None) -> None:
         writable_file("MLflow store", uri.removeprefix("sqlite:///"))
 
 
+def _check_tracking() -> None:
+    """A tracking server that does not answer now: one line, at once (MLflow's client would retry for
+    minutes before the first run exists). A sweep worker re-queues the cell (harness.sweep.outcome)."""
+    from harness.tracking import require_reachable
+
+    require_reachable()
+
+
 def add_train_command(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="run one training job and log it to MLflow")
     train.add_argument("config", help="job config YAML (see configs/)")
@@ -54,13 +64,15 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Run the chosen subcommand; a ConfigError is one line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run the chosen subcommand; a ConfigError is one line on stderr and exit code 2. Whatever the command
+    (or a library under it) writes to stdout and stderr has its URLs' passwords hidden (harness.redact)."""
+    with redacted_streams():
+        args = parser.parse_args(argv)
+        try:
+            return args.func(args)
+        except ConfigError as e:
+            print(f"error: {redact(str(e))}", file=sys.stderr)
+            return 2
 
 
 def main(argv: list[str]) -> int:

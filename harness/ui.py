@@ -24,6 +24,7 @@ from pathlib import Path
 
 from harness import contract
 from harness.config import ConfigError
+from harness.redact import redact
 
 READY_TIMEOUT_S = 120.0  # the MLflow server took 9-16 s to answer /health on 2 cores
 
@@ -32,9 +33,10 @@ READY_TIMEOUT_S = 120.0  # the MLflow server took 9-16 s to answer /health on 2 
 def mlflow_server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
     """The `mlflow server` command line serving a local store; artifacts of a sqlite store sit beside it (as
     `harness.tracking.ensure_experiment` places them), so experiments made by the UI match those made by
-    jobs."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-           "--port", str(port), "--workers", str(workers)]
+    jobs. The store itself is not on it (a database URL holds a password, and `ps` shows command lines):
+    mlflow reads it from $MLFLOW_BACKEND_STORE_URI (server_env)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--workers", str(workers)]
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.is_file():
@@ -43,6 +45,11 @@ def mlflow_server_command(uri: str, host: str, port: int, workers: int) -> list[
         artifacts = (db.parent / "mlartifacts").as_uri()
         cmd += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
     return cmd
+
+
+def server_env(uri: str) -> dict[str, str]:
+    """The environment of `mlflow server` on store `uri`."""
+    return {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
 
 
 def wait_until_ready(url: str, proc: subprocess.Popen | None, timeout: float = READY_TIMEOUT_S) -> None:
@@ -80,13 +87,13 @@ def _mlflow(args: argparse.Namespace) -> int:
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
-        print(f"MLFLOW_TRACKING_URI is a tracking server; its UI is {uri.rstrip('/')}/#/experiments",
+        print(f"MLFLOW_TRACKING_URI is a tracking server; its UI is {redact(uri.rstrip('/'))}/#/experiments",
               flush=True)
         return 0
     cmd = mlflow_server_command(uri, args.host, args.port, args.workers)
     _check_server_options(args)
     # Own process group: on Ctrl-C / SIGTERM the whole server (uvicorn and its workers) is stopped from here.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=server_env(uri))
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
@@ -94,7 +101,8 @@ def _mlflow(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         wait_until_ready(f"http://{_client_host(args.host)}:{args.port}/health", proc)
-        print(f"MLflow UI on {uri}: http://{_client_host(args.host)}:{args.port}/#/experiments", flush=True)
+        print(f"MLflow UI on {redact(uri)}: http://{_client_host(args.host)}:{args.port}/#/experiments",
+              flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -134,8 +142,8 @@ def ledger_storage(name: str, scale: str, storage: str | None, results_dir: str 
     if scale == "auto":  # the scale whose ledger is here, if only one is
         here = [s for s in spec.scales if contract.ledger_path(results, spec.study, s).is_file()]
         scale = here[0] if len(here) == 1 and storage is None else pick_scale(spec, path, "auto")[0]
-    else:
-        scale_spec(spec, path, scale)  # one the spec defines
+    else:  # one the spec defines, or its tuning stage (<scale>/tune: the trials, and the per-objective studies)
+        scale_spec(spec, path, contract.split_stage(scale)[0])
     journal = contract.ledger_path(results, spec.study, scale)
     url = check_storage(storage, journal)
     if storage is None and not journal.is_file():
@@ -171,7 +179,7 @@ def _dashboard(args: argparse.Namespace) -> int:
                 if time.monotonic() > deadline:
                     print(f"error: no answer from {base} after {READY_TIMEOUT_S:.0f} s", file=sys.stderr)
                     return 1
-        print(f"optuna-dashboard for sweep {study} ({url}): {base}/dashboard/", flush=True)
+        print(f"optuna-dashboard for sweep {study} ({redact(url)}): {base}/dashboard/", flush=True)
         while server.is_alive():
             server.join(0.5)
         return 1
@@ -195,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name", metavar="NAME", help="sweeps/NAME.yaml, or a path to a sweep spec")
     # Any scale the sweep file defines: checked once the spec is loaded (ledger_storage).
     d.add_argument("--scale", default="auto",
-                   help="a scale of the sweep file, or auto: the scale whose ledger exists, if only one "
-                        "does; else the first scale whose device is here (device: cuda needs a GPU)")
+                   help="a scale of the sweep file (SCALE/tune: its tuning stage, whose optuna-dashboard also "
+                        "shows each objective's tuning study), or auto: the scale whose ledger exists, if only "
+                        "one does; else the first scale whose device is here (device: cuda needs a GPU)")
     d.add_argument("--storage", default=None,
                    help="ledger: a journal file path or postgresql://... (default: "
                         "results/<study>/<scale>/ledger.journal)")

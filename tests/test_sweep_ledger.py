@@ -206,14 +206,23 @@ def test_worker_whose_attempt_was_reaped_stops_its_job(tmp_path, uri):
     driver = s.start("--workers", "1", "--stale-after", "2", FAKE_HANG=hang)
     _, _, job_pid, _ = s.wait_for("start", hang)
     ledger = s.ledger()
-    for _ in range(50):  # act as a reaper on another machine that has not heard from the worker
-        t = next(t for t in ledger.trials(tuple(TrialState)) if t.user_attrs["harness.cell"] == hang)
-        if t.state != TrialState.RUNNING:
-            break
+    t = next(t for t in ledger.trials(tuple(TrialState)) if t.user_attrs["harness.cell"] == hang)
+    worker_pid = t.user_attrs["harness.owner"]["pid"]
+    # Cut the worker off (SIGSTOP: no heartbeat reaches the ledger) and act as a reaper on another machine,
+    # which can only go by whether the heartbeat changes; then let the worker run on: it must find its attempt
+    # settled and stop its job.
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
         ledger.storage.set_trial_user_attr(t._trial_id, "harness.owner", {**t.user_attrs["harness.owner"],
                                                                           "host": "elsewhere"})
-        ledger.storage.set_trial_user_attr(t._trial_id, "harness.heartbeat", time.time() - 60)
-        ledger.reap()
+        for _ in range(100):
+            if ledger.storage.get_trial(t._trial_id).state != TrialState.RUNNING:
+                break
+            ledger.reap()
+            time.sleep(0.1)
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
+    assert ledger.storage.get_trial(t._trial_id).state != TrialState.RUNNING
     out, _ = driver.communicate(timeout=90)
     assert driver.returncode == 0, out
     assert not pid_alive(int(job_pid), None)
@@ -300,9 +309,10 @@ def test_one_gpu_per_worker_and_one_thread_per_cpu_job(tmp_path, uri, monkeypatc
     assert all(len(devices) == 1 for devices in by_worker.values())
 
 
-def test_slurm_launcher_with_submitit_local_executor(tmp_path, uri):
+def test_slurm_launcher_with_submitit_local_executor(tmp_path, uri, monkeypatch):
     s = Sweep(tmp_path, uri, "slurm")
-    rc, out = s.run("--workers", "2", "--launcher", "slurm", "--timeout-min", "5")
+    monkeypatch.setenv("HARNESS_STORAGE", "")  # the driver sets it for its submitit jobs: undone after the test
+    rc, out = s.run("--workers", "2", "--launcher", "submitit-local", "--timeout-min", "5")
     assert rc == 0, out
     assert s.done_counts() == {h: 1 for h in s.cells}
     assert list((s.results / "slurm" / "proxy" / "submitit").glob("*_0_log.out"))
@@ -445,8 +455,13 @@ def test_remote_worker_without_heartbeat_is_reaped_and_its_cell_requeued(tmp_pat
     # Pretend the owner is another machine: only its heartbeat can show it is alive.
     ledger.storage.set_trial_user_attr(tid, "harness.owner",
                                        {"worker": "remote", "host": "elsewhere", "pid": 1})
+    ledger.set_attr("harness.stale_after", 0.5)
     assert ledger.reap() == [] and ledger.cells()[0].state == "running"  # fresh heartbeat
+    # A heartbeat that stops changing goes stale after stale_after of the reaper's own clock, whatever its value
+    # says (a remote clock may be behind or ahead): first seen now, so still fresh...
     ledger.storage.set_trial_user_attr(tid, "harness.heartbeat", time.time() - 10 * ledger.stale_after)
+    assert ledger.reap() == []
+    time.sleep(0.6)  # ...then unchanged for longer than stale_after
     assert [t.number for t in ledger.reap()] == [trial.number]
     cell = ledger.cells()[0]
     assert (cell.state, cell.attempt) == ("queued", 2) and "elsewhere" in (cell.error or "")
@@ -510,10 +525,13 @@ def test_reaper_adopts_a_dead_workers_finished_attempt_and_waits_when_it_cannot_
     from harness.sweep.adopt import Verdict
 
     ledger = _ledger(tmp_path, 2)
+    ledger.set_attr("harness.stale_after", 0.5)
     first, second = _dead_remote_attempt(ledger, tmp_path), _dead_remote_attempt(ledger, tmp_path)
     diverged = {"status": "diverged", "run_id": "r1", "final": {"val/reward": 0.25}}
     verdicts = {first.number: Verdict("result", diverged, "file", "r1"),
                 second.number: Verdict("unknown", why="MLflow tracking server http://x is unreachable")}
+    assert ledger.reap(lambda t: verdicts[t.number]) == []  # heartbeats first seen: stale only once unchanged
+    time.sleep(0.6)
     assert [t.number for t in ledger.reap(lambda t: verdicts[t.number])] == [first.number]
     cells = {c.hash: c for c in ledger.cells()}
     assert (cells["cell00"].state, cells["cell00"].attempt, cells["cell00"].val_reward) == (

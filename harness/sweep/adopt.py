@@ -9,7 +9,10 @@ result file (job.py ends the run, then writes the file). Hence two sources:
    complete/diverged -> a result.
 2. Otherwise the attempt's MLflow run (tags harness.cell and harness.attempt): harness.status
    complete/diverged -> a result (a run still RUNNING with that tag is finished here: its metrics are all
-   logged).
+   logged). The run must be this ledger's (tag harness.ledger: the ledger's id) and have started at or
+   after the attempt was claimed: one experiment can hold the runs of an earlier ledger of the same sweep
+   (its folder wiped, the MLflow store kept) or of a second ledger, with this attempt's cell and number. A
+   run without the tag (made before ledgers had ids) is adopted only by a ledger without an id.
 
 When neither says so and MLflow cannot be asked (a tracking outage), the answer is `unknown`: the caller waits
 rather than guessing, because guessing wrong means a second complete run of the cell.
@@ -69,7 +72,10 @@ def read_result(path: Path) -> dict[str, Any]:
         return {}
 
 
-def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
+def find(sweep_dir: Path, experiment: str, cell: str, attempt: int, ledger_id: str | None = None,
+         claimed: float | None = None) -> Verdict:
+    """What one attempt came to. ledger_id: the ledger's id (None: a ledger made before ids, whose attempts
+    take any run of their cell and attempt); claimed: when the attempt was claimed (epoch s)."""
     where = (sweep_dir, cell, attempt)
     result = read_result(contract.attempt_result(sweep_dir, cell, attempt))
     if contract.is_result(result.get("status")):
@@ -80,7 +86,7 @@ def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
     if down:
         return Verdict("unknown", why=down)
     try:
-        run = attempt_run(tracking.client(), experiment, cell, attempt)
+        run = attempt_run(tracking.client(), experiment, cell, attempt, ledger_id, claimed)
     except Exception as e:  # the store failed under us: do not guess
         return Verdict("unknown", why=f"MLflow {tracking.tracking_uri()}: {type(e).__name__}: {str(e)[:200]}")
     if run is None:
@@ -96,18 +102,31 @@ def find(sweep_dir: Path, experiment: str, cell: str, attempt: int) -> Verdict:
                    run.info.run_id, where=where)
 
 
-def attempt_run(client: Any, experiment: str, cell: str, attempt: int) -> Any | None:
-    """The MLflow run of one attempt (the latest, should a job ever have made two)."""
+def attempt_run(client: Any, experiment: str, cell: str, attempt: int, ledger_id: str | None = None,
+                claimed: float | None = None) -> Any | None:
+    """The MLflow run of one attempt (the latest, should a job ever have made two), of this ledger and
+    started since the attempt was claimed (see the module docstring)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`{contract.CELL}` = '{cell}' and tags.`{contract.ATTEMPT}` = '{attempt}'"), max_results=10,
+        f"tags.`{contract.CELL}` = '{cell}' and tags.`{contract.ATTEMPT}` = '{attempt}'"), max_results=100,
         order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
+    return next((r for r in runs if _bound(r, ledger_id, claimed)), None)
 
 
-def close_run(run_id: str | None, experiment: str, cell: str, attempt: int, status: str, reason: str) -> None:
+def _bound(run: Any, ledger_id: str | None, claimed: float | None) -> bool:
+    """Whether a run of the attempt's cell and attempt number is this attempt's own."""
+    if ledger_id is None:
+        return True
+    if run.data.tags.get(contract.LEDGER) != ledger_id:
+        return False
+    # MLflow's start time is the job's clock in ms; the claim is the claiming worker's, on the job's machine.
+    return claimed is None or run.info.start_time >= int(claimed * 1000)
+
+
+def close_run(run_id: str | None, experiment: str, cell: str, attempt: int, status: str, reason: str,
+              ledger_id: str | None = None, claimed: float | None = None) -> None:
     """Best effort: an attempt that is not a result gets its MLflow run out of RUNNING, with why.
 
     A job killed by SIGKILL cannot end its own run; the driver's tidy-up would mark it KILLED later anyway.
@@ -118,7 +137,8 @@ def close_run(run_id: str | None, experiment: str, cell: str, attempt: int, stat
         return
     try:
         client = tracking.client()
-        run = client.get_run(run_id) if run_id else attempt_run(client, experiment, cell, attempt)
+        run = (client.get_run(run_id) if run_id
+               else attempt_run(client, experiment, cell, attempt, ledger_id, claimed))
         if run is None or run.info.status != "RUNNING":
             return
         client.set_tag(run.info.run_id, contract.STATUS, status)

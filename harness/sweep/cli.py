@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness import contract
 from harness.config import ConfigError
+from harness.redact import STORAGE_ENV, redact
 
 
 def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +25,11 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--max-attempts", type=int, default=2, help="attempts per cell before it stays failed")
     sweep.add_argument("--retry-failed", action="store_true",
                        help="give failed cells a fresh allowance of attempts")
-    sweep.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                       help="local processes, or submitit jobs (SLURM; submitit's local executor without "
-                            "SLURM)")
+    sweep.add_argument("--launcher", choices=("local", "slurm", "submitit-local"), default="local",
+                       help="local: worker processes here; slurm: one SLURM job per worker through "
+                            "submitit (refused without a SLURM controller that answers, or with a SQLite "
+                            "MLflow store: set MLFLOW_TRACKING_URI to a tracking server); submitit-local: "
+                            "submitit's local executor (tests, laptops)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a base job field (dotted keys), or narrow an axis / the seeds: "
                             "--set rollout_batches=2 --set batch_ratio=[1,2]")
@@ -42,7 +45,7 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                             "default: the scale's stall_timeout_min (30 min on cpu, 2 h on cuda unless the "
                             "sweep file says)")
     sweep.add_argument("--timeout-min", type=int, default=24 * 60,
-                       help="--launcher slurm: time limit per worker job")
+                       help="--launcher slurm or submitit-local: time limit per worker job")
     sweep.add_argument("--partition", default=None, help="--launcher slurm: SLURM partition")
     sweep.add_argument("--unequal-budget", action="store_true",
                        help="tune: run objectives with different numbers of trials (refused otherwise)")
@@ -63,7 +66,8 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                         help="run one worker on exactly these CUDA devices (e.g. 0,1), or 'none' for CPU "
                              "jobs; default: find this machine's GPUs and pack them")
     _job_start(worker)
-    worker.set_defaults(func=_worker)
+    # The driver passes the ledger to the workers it starts in the environment, never on their command line.
+    worker.set_defaults(func=_worker, storage=os.environ.get(STORAGE_ENV) or None)
 
     status = sub.add_parser("status", help="print a sweep's cells and their states from its ledger")
     _common(status)
@@ -81,8 +85,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "ledger <scale>/tune) then compare (each objective at its best tuned setting); auto: "
                         "both in order for sweep, compare for worker and status; grid: a scale without tune:")
     p.add_argument("--storage", default=None,
-                   help="ledger: a journal file path or postgresql://... "
-                        "(default: results/<study>/<scale>/ledger.journal)")
+                   help="ledger: a journal file path or postgresql://user:password@host:port/db (default: "
+                        f"results/<study>/<scale>/ledger.journal; worker: ${STORAGE_ENV} first, which keeps "
+                        "a password out of the command line)")
     p.add_argument("--results-dir", default=None,
                    help="results root (default $HARNESS_RESULTS, else ./results)")
 
@@ -118,11 +123,27 @@ def _check_options(args: argparse.Namespace, writes: bool = True) -> None:
             writable_file("--storage", args.storage)
 
 
+def _check_services(args: argparse.Namespace) -> None:
+    """What a sweep must reach (the launcher's scheduler, a PostgreSQL ledger, the tracking server), asked
+    before the spec is expanded, which costs seconds of imports: a refusal is one line at once. The driver
+    asks again (harness.sweep.driver._preflight) for callers that are not this command line."""
+    from harness.sweep.storage import check_reachable
+    from harness.sweep.worker_group import check_launcher
+    from harness.tracking import require_reachable, tracking_uri
+
+    check_launcher(args.launcher, tracking_uri())
+    if args.storage and args.storage.startswith("postgresql"):
+        check_reachable(args.storage)
+    require_reachable()
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from harness.sweep.spec import check_other_scales, load_spec, pick_scale
     from harness.sweep.stages import pick_stage
 
     _check_options(args, writes=not args.dry_run)
+    if not args.dry_run:
+        _check_services(args)
     spec, path = load_spec(args.name)
     scale, why = pick_scale(spec, path, args.scale)
     print(f"scale: {scale} ({why})", flush=True)
@@ -197,7 +218,7 @@ def _run_stage(args: argparse.Namespace, plan) -> int:
     try:
         return run_sweep(plan, opts, _results(args))
     except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before workers started: nothing is running; the next start tidies MLflow
         print("interrupted", file=sys.stderr)
@@ -275,7 +296,8 @@ def _status(args: argparse.Namespace) -> int:
     study, scale, results, storage = _existing(args)
     cells = Ledger(open_storage(storage), contract.experiment_name(study, scale), create=False).cells()
     out = console()
-    out.print(status_table(cells, f"{study}/{scale} ({storage})", contract.sweep_dir(results, study, scale)))
+    title = f"{study}/{scale} ({redact(storage)})"
+    out.print(status_table(cells, title, contract.sweep_dir(results, study, scale)))
     states = [c.state for c in cells]
     out.print(", ".join(f"{states.count(s)} {s}" for s in
                         (*contract.FINISHED, contract.RUNNING, "queued", contract.FAILED, "interrupted") if s in states)

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from harness import contract
+from harness.redact import redact
 from harness.sweep.ledger import ATTEMPT, AXES, CELL, OUTCOME, REAPED, CellStatus, Ledger, attempt_state
 
 
@@ -126,7 +127,7 @@ class SweepView:
                 continue
             o = t.user_attrs.get(OUTCOME) or {}
             extra = f" val/reward={o['val_reward']:.3f}" if o.get("val_reward") is not None else ""
-            err = o.get("error") or t.user_attrs.get(REAPED)
+            err = redact(o.get("error") or t.user_attrs.get(REAPED) or "")  # a ledger from before redaction
             settled = self.count(*contract.FINISHED, contract.FAILED)
             self.out.print(f"[{settled}/{self.total}] {state} {t.user_attrs[CELL]} attempt "
                            f"{t.user_attrs[ATTEMPT]} {_axes_text(t.user_attrs[AXES])} "
@@ -152,7 +153,7 @@ def status_table(cells: list[CellStatus], title: str, sweep_dir: Path) -> Table:
         state = c.state + (" (stale)" if c.stale else "")
         note = c.log if c.state == contract.RUNNING else c.error if c.state != contract.COMPLETE else ""
         table.add_row(c.hash, *[str(c.axes.get(k, "")) for k in keys], state, str(c.attempt), fmt_s(dur),
-                      f"{val:.3f}" if val is not None else "-", (note or "")[:80])
+                      f"{val:.3f}" if val is not None else "-", redact(note or "")[:80])
     return table
 
 

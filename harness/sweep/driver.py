@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +18,13 @@ from typing import Any
 
 from harness import contract, tracking
 from harness.config import ConfigError
-from harness.launch import check_gpus, gpu_slots, visible_gpus
+from harness.launch import check_gpus, visible_gpus
+from harness.redact import redact
 from harness.sweep import adopt, mlflow_runs
 from harness.sweep.claim import ClaimTaken, DriverClaim
 from harness.sweep.display import SweepView, console, fmt_s
 from harness.sweep.estimate import utilisation
+from harness.sweep.launcher import Launcher
 from harness.sweep.ledger import (
     ATTEMPT,
     CELL,
@@ -38,14 +39,14 @@ from harness.sweep.ledger import (
     STALE_AFTER,
     STALL_TIMEOUT,
     Ledger,
+    claimed_at,
 )
 from harness.sweep.processes import pid_start
 from harness.sweep.spec import Plan
 from harness.sweep.stages import tune_of
 from harness.sweep.storage import check_storage, open_storage
 from harness.sweep.tuning import Tuner, run_score
-from harness.sweep.worker import GRACE_S, WorkerOptions, run_worker
-from harness.sweep.worker_group import spawn_worker
+from harness.sweep.worker_group import SUBMITIT, check_launcher
 
 
 class SweepError(RuntimeError):
@@ -75,8 +76,8 @@ class SweepOptions:
             raise ConfigError(f"--max-attempts {self.max_attempts}: must be at least 1")
         if self.stale_after <= 0:
             raise ConfigError(f"--stale-after {self.stale_after}: must be positive")
-        if self.launcher == "slurm" and self.workers < 1:
-            raise ConfigError("--launcher slurm: needs --workers 1 or more")
+        if self.launcher in SUBMITIT and self.workers < 1:
+            raise ConfigError(f"--launcher {self.launcher}: needs --workers 1 or more")
         for flag, value in (("--cell-timeout-min", self.cell_timeout_min),
                             ("--stall-timeout-min", self.stall_timeout_min)):
             if value is not None and not value > 0:
@@ -91,7 +92,7 @@ def run_sweep(plan: Plan, opts: SweepOptions, results: Path) -> int:
     sweep.open_ledger()
     sweep.enqueue()
     sweep.start_parent()
-    interrupted = sweep.supervise(_Launcher(plan, opts, storage_url, results, sweep.dir, gpus))
+    interrupted = sweep.supervise(Launcher(plan, opts, storage_url, results, sweep.dir, gpus))
     return sweep.finish(interrupted)
 
 
@@ -99,14 +100,13 @@ def _preflight(plan: Plan, opts: SweepOptions, results: Path) -> tuple[str, list
     """Everything that can be rejected (options, storage, GPUs, the tracking server), checked before anything
     is written. Returns the ledger's storage and the GPUs for local workers."""
     opts.check()
+    check_launcher(opts.launcher, tracking.tracking_uri())
     storage_url = check_storage(opts.storage, contract.ledger_path(results, plan.study, plan.scale))
     gpus: list[str] = []
     if opts.launcher == "local" and opts.workers > 0:  # local workers need the GPUs here (SLURM: the nodes')
         gpus = visible_gpus()
         check_gpus(gpus, plan.gpus_per_job, f"{plan.spec_path}: scales.{plan.scale}")
-    down = tracking.unreachable()
-    if down:
-        raise SweepError(f"{down}; start it, or point MLFLOW_TRACKING_URI at one that answers")
+    tracking.require_reachable()
     return storage_url, gpus
 
 
@@ -127,7 +127,7 @@ class _Sweep:
         self.tuner: Tuner | None = None  # a tuning stage: cells come from its trials (harness.sweep.tuning)
         self.dir = contract.sweep_dir(results, plan.study, plan.scale)
         self.out = console()
-        self.find = _finder(self.dir, plan.experiment)
+        self.find = _finder(self.dir, plan.experiment, lambda: self.ledger)  # the ledger: opened later
 
     def claim(self) -> None:
         self.driver_claim = _claim(self.storage_url, self.plan)
@@ -160,14 +160,15 @@ class _Sweep:
             per = {o: tune.trials_of(o) for o in self.tuner.templates}
             self.out.print(f"tune {self.plan.experiment}: {', '.join(f'{o} {n}' for o, n in per.items())} trials, "
                            f"{len(next(iter(self.tuner.templates.values())))} job(s) each; sampler "
-                           f"{tune.sampler.name}, pruner {tune.pruner.name}; ledger {self.storage_url}",
+                           f"{tune.sampler.name}, pruner {tune.pruner.name}; "
+                           f"ledger {redact(self.storage_url)}",
                            soft_wrap=True)
             return
         counts = _sync(self.ledger, self.plan)
         self.out.print(f"sweep {self.plan.experiment}: {len(self.plan.cells)} cells ({counts['new']} new, "
                        f"{counts['retry']} retried, {counts['done']} done, "
                        f"{counts['active']} queued or running, {counts['failed']} failed for good); "
-                       f"ledger {self.storage_url}", soft_wrap=True)
+                       f"ledger {redact(self.storage_url)}", soft_wrap=True)
 
     def start_parent(self) -> None:
         """MLflow brought in line with the ledger, and this invocation's parent run."""
@@ -176,12 +177,13 @@ class _Sweep:
         mlflow_runs.tidy(self.client, self.exp_id, self.ledger)
         self.parent = mlflow_runs.start_parent(self.client, self.exp_id, plan, {
             "workers": opts.workers, "launcher": opts.launcher, "max_attempts": opts.max_attempts,
-            "retry_failed": opts.retry_failed, "storage": self.storage_url, "gpus_per_job": plan.gpus_per_job,
-            "deepspeed": plan.deepspeed})
+            "retry_failed": opts.retry_failed, "storage": redact(self.storage_url),
+            "gpus_per_job": plan.gpus_per_job,
+            "deepspeed": plan.deepspeed}, self.ledger.ledger_id)
         self.ledger.set_attr(PARENT_RUN, self.parent)
         _beat(self.ledger, self.parent)
 
-    def supervise(self, workers: _Launcher) -> bool:
+    def supervise(self, workers: Launcher) -> bool:
         """Start the workers and watch them until they have left; True when Ctrl-C or SIGTERM stopped them."""
         interrupted = False
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -204,7 +206,7 @@ class _Sweep:
             signal.signal(signal.SIGTERM, previous)
         return interrupted
 
-    def _watch(self, workers: _Launcher) -> None:
+    def _watch(self, workers: Launcher) -> None:
         last_beat = last_tune = 0.0
         while True:
             self.view.update()
@@ -326,9 +328,11 @@ def _claim(storage_url: str, plan: Plan) -> DriverClaim:
                          "`python -m harness worker NAME` instead") from None
 
 
-def _finder(sweep_dir: Path, experiment: str) -> Any:
-    """What a dead worker's attempt came to (harness.sweep.adopt), for Ledger.reap."""
-    return lambda t: adopt.find(sweep_dir, experiment, t.user_attrs[CELL], int(t.user_attrs[ATTEMPT]))
+def _finder(sweep_dir: Path, experiment: str, ledger: Any) -> Any:
+    """What a dead worker's attempt came to (harness.sweep.adopt), for Ledger.reap; ledger() is the ledger,
+    whose id binds the attempt to its own runs."""
+    return lambda t: adopt.find(sweep_dir, experiment, t.user_attrs[CELL], int(t.user_attrs[ATTEMPT]),
+                                ledger().ledger_id, claimed_at(t))
 
 
 def _beat(ledger: Ledger, parent: str) -> None:
@@ -338,84 +342,3 @@ def _beat(ledger: Ledger, parent: str) -> None:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-class _Launcher:
-    """Local worker processes, or submitit jobs (SLURM, or submitit's local executor where there is none)."""
-
-    def __init__(self, plan: Plan, opts: SweepOptions, storage: str, results: Path, sweep_dir: Path,
-                 gpus: list[str]):
-        self.plan, self.opts, self.storage, self.results = plan, opts, storage, results
-        self.sweep_dir, self.gpus = sweep_dir, gpus
-        self.procs: list[subprocess.Popen] = []
-        self.names: list[str] = []
-        self.slots: list[tuple[str, ...]] = []
-        self.jobs: list[Any] = []
-
-    def worker_options(self, name: str, gpus: tuple[str, ...] | None = None) -> WorkerOptions:
-        return WorkerOptions(storage=self.storage, study=self.plan.study, scale=self.plan.scale,
-                             results=str(self.results), name=name, gpus=gpus, job_start=self.opts.job_start)
-
-    def start(self) -> None:
-        if self.opts.workers == 0:
-            return
-        if self.opts.launcher == "slurm":
-            self._start_submitit()
-            return
-        # Each worker gets its own slot of gpus_per_job devices; workers beyond the slots share them
-        # round-robin. Without GPUs: `--gpus none` (CPU jobs, and the worker need not look for CUDA itself).
-        slots = gpu_slots(self.gpus, self.plan.gpus_per_job)
-        if slots and self.opts.workers > len(slots):
-            console().print(f"warning: {self.opts.workers} workers share {len(slots)} slot(s) of "
-                            f"{self.plan.gpus_per_job} GPU(s) round-robin", soft_wrap=True)
-        for i in range(self.opts.workers):
-            self.names.append(f"{HOST}-w{i}")
-            self.slots.append(tuple(slots[i % len(slots)]) if slots else ())
-            self.procs.append(self._spawn(i))
-
-    def _spawn(self, i: int) -> subprocess.Popen:
-        return spawn_worker(self.plan.spec_path.resolve(), self.worker_options(self.names[i], self.slots[i]))
-
-    def _start_submitit(self) -> None:
-        import submitit
-
-        executor = submitit.AutoExecutor(folder=self.sweep_dir / "submitit")
-        params: dict[str, Any] = {"timeout_min": self.opts.timeout_min, "name": f"sweep-{self.plan.study}",
-                                  "slurm_array_parallelism": self.opts.workers}
-        if self.plan.device == "cuda" or self.plan.gpus_per_job > 1:
-            params["gpus_per_node"] = self.plan.gpus_per_job  # one worker per array task, one job at a time
-        if self.opts.partition:
-            params["slurm_partition"] = self.opts.partition
-        executor.update_parameters(**params)
-        names = [f"{executor.cluster}-w{i}" for i in range(self.opts.workers)]
-        self.jobs = executor.map_array(run_worker, [self.worker_options(n) for n in names])
-
-    def replace_killed(self) -> None:
-        """A local worker killed by a signal (OOM killer, a stray kill -9) is replaced while work is left; its
-        attempt is settled by the reaper (adopted if its job had finished)."""
-        for i, p in enumerate(self.procs):
-            if p.poll() is not None and p.returncode < 0:
-                console().print(f"worker {self.names[i]} (pid {p.pid}) was killed by "
-                                f"{signal.Signals(-p.returncode).name}; starting another", soft_wrap=True)
-                self.procs[i] = self._spawn(i)
-
-    def finished(self) -> bool:
-        return all(p.poll() is not None for p in self.procs) and all(j.done() for j in self.jobs)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for j in self.jobs:
-            j.cancel(check=False)
-        deadline = time.time() + GRACE_S + 15
-        try:
-            while not self.finished() and time.time() < deadline:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass  # a second Ctrl-C: stop waiting
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()  # its job gets SIGKILL too (parent-death signal); the next start reaps the cell
-                p.wait()
-

@@ -25,7 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
-from harness.sweep.processes import pid_alive, pid_start
+from harness.sweep.processes import WORKER_ONLY_SIGNALS, pid_alive, pid_start
 from harness.tracking import code_state
 
 JOB_STARTS = ("fork", "exec")
@@ -91,6 +91,8 @@ def _child(argv: list[str], log_path: str, env: dict[str, str], cwd: str,
            worker: tuple[int, str | None]) -> None:
     """The forked job: its own session and log, the exec'd job's environment and directory, then the CLI."""
     os.setsid()  # its own process group, which the worker signals as a whole
+    for sig in WORKER_ONLY_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     _watch(*worker)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,8 @@ STALL_TIMEOUT = "harness.stall_timeout_s"  # longest time a job may go without s
 FEEDING = "harness.feeding"  # true while the driver will queue more (tuning): idle workers wait, not leave
 # {name, device, reference_s} of the sweep's scale (spec.Plan.ledger_scale), written by the driver
 SCALE = "harness.scale"
+# A new ledger's id (uuid4): its jobs' runs carry it (contract.LEDGER), so no other ledger adopts them
+LEDGER_ID = "harness.ledger_id"
 # A ledger without SCALE is read by the scale its study name ends in, with these reference costs (None: none).
 UNRECORDED_REFERENCE_S = {"proxy": cost.PROXY_REFERENCE_S, "proxy-full": cost.PROXY_REFERENCE_S}
 
@@ -96,6 +99,12 @@ class CellStatus:
     stale: bool = False
 
 
+def claimed_at(t: FrozenTrial) -> float | None:
+    """When an attempt was claimed (epoch s): its owner's record, else the trial's start."""
+    started = (t.user_attrs.get(OWNER) or {}).get("started")
+    return float(started) if started else t.datetime_start.timestamp() if t.datetime_start else None
+
+
 class Ledger:
     """One sweep's Optuna study, with the operations the driver and the workers need."""
 
@@ -115,10 +124,18 @@ class Ledger:
                               "sweep`") from None
         if create and scale is not None:
             self.set_attr(SCALE, scale)
+        # Only a ledger with no attempts yet gets an id: an older one's attempts may have untagged runs to adopt.
+        if create and self.ledger_id is None and not storage.get_n_trials(self.study_id):
+            self.set_attr(LEDGER_ID, uuid.uuid4().hex)
 
     # ------------------------------------------------------------------------------------ study attrs
     def attr(self, key: str, default: Any = None) -> Any:
         return self.storage.get_study_user_attrs(self.study_id).get(key, default)
+
+    @property
+    def ledger_id(self) -> str | None:
+        """This ledger's id (None: made before ledgers had ids), the harness.ledger tag of its jobs' runs."""
+        return self.attr(LEDGER_ID)
 
     def set_attr(self, key: str, value: Any) -> None:
         self.storage.set_study_user_attr(self.study_id, key, value)
@@ -184,16 +201,18 @@ class Ledger:
         optuna.load_study(study_name=self.name, storage=self.storage).enqueue_trial(
             {k: v for k, v in axes.items()}, user_attrs={**attrs, **({TUNE: tune} if tune else {})})
 
-    def pop(self, worker: str, log_for: Callable[[FrozenTrial], Path]) -> FrozenTrial | None:
+    def pop(self, worker: str, log_for: Callable[[FrozenTrial], Path],
+            max_seconds: float | None = None) -> FrozenTrial | None:
         """Claim the queued attempt expected to run longest (race-free), record its owner; None when the queue
         is empty. Heaviest first (harness.sweep.cost), so the sweep's last minutes are short jobs on every
         worker, not one long job and idle workers; ties go in queue order (seeds and objectives as planned).
 
         log_for(trial): the attempt's log path, recorded in the owner so `status` can point at it.
+        max_seconds: only cells expected to end within this (a SLURM worker's time left, harness.sweep.slurm).
         """
         while True:
             claimed = None
-            for t in self._heaviest_first():
+            for t in self._heaviest_first(max_seconds):
                 try:
                     if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                         claimed = t
@@ -204,7 +223,8 @@ class Ledger:
                 return None
             tid = claimed._trial_id
             owner = {"worker": worker, "host": HOST, "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
-                     "log": str(log_for(claimed)), "started": time.time()}
+                     "log": str(log_for(claimed)), "started": time.time(),
+                     **({"slurm_job": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {})}
             self.storage.set_trial_user_attr(tid, OWNER, owner)
             self.storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
             # Two reapers settling one dead attempt at once can queue two successors. Of the claimed or
@@ -217,16 +237,21 @@ class Ledger:
                 continue
             return self.storage.get_trial(tid)
 
-    def _heaviest_first(self) -> list[FrozenTrial]:
+    def _heaviest_first(self, max_seconds: float | None = None) -> list[FrozenTrial]:
         trials = self.trials()
         history = [cost.Attempt(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)),
                                 (t.user_attrs.get(OUTCOME) or {}).get("duration_s"),
                                 t.state == TrialState.COMPLETE)
                    for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
         model = cost.model_for(history, self.reference_s)  # fitted once per pop
-        return sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: (
-            -cost.expected_seconds(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)), history, model),
-            t.number))
+        if model is None:  # no seconds to weigh against the time left (a scale without reference costs)
+            max_seconds = None
+        expected = {t.number: cost.expected_seconds(t.user_attrs[CELL], float(t.user_attrs.get(COST, 1.0)),
+                                                    history, model)
+                    for t in trials if t.state == TrialState.WAITING}
+        return sorted((t for t in trials if t.number in expected
+                       and (max_seconds is None or expected[t.number] <= max_seconds)),
+                      key=lambda t: (-expected[t.number], t.number))
 
     def heartbeat(self, trial_id: int) -> None:
         """Raises UpdateFinishedTrialError when the attempt was settled by someone else (declared dead)."""
@@ -255,8 +280,19 @@ class Ledger:
         owner = t.user_attrs.get(OWNER) or {}
         if owner.get("host") == HOST:  # same machine: the owning process is the authority
             return pid_alive(owner["pid"], owner.get("pid_start"))
-        beat = t.user_attrs.get(HEARTBEAT) or (t.datetime_start.timestamp() if t.datetime_start else now)
-        return now - beat < self.stale_after
+        return self.fresh(("trial", t._trial_id), t.user_attrs.get(HEARTBEAT))
+
+    def fresh(self, key: object, beat: object) -> bool:
+        """Whether a heartbeat value written on another machine has changed within stale_after seconds of this
+        process's own monotonic clock. Comparing the value with our wall clock would make a machine whose clock
+        runs ahead declare every remote worker dead (and run their cells twice); a value first seen now counts
+        as fresh, so a restarted reaper waits stale_after before it judges."""
+        seen = self.__dict__.setdefault("_seen", {})  # key -> (heartbeat value, monotonic time it was first seen)
+        now = time.monotonic()
+        if key not in seen or seen[key][0] != beat:
+            seen[key] = (beat, now)
+            return True
+        return now - seen[key][1] < self.stale_after
 
     def reap(self, find: Callable[[FrozenTrial], Verdict] | None = None) -> list[FrozenTrial]:
         """Settle the attempts whose worker is gone: adopt the ones whose job reached its result, fail the
@@ -295,8 +331,11 @@ class Ledger:
                 self.storage.set_trial_user_attr(t._trial_id, REAPED, gone)
             except UpdateFinishedTrialError:
                 continue  # its worker, or another reaper, settled it first
-            # As a worker does: re-queue first, so the cell is never without a queued or running attempt.
-            self.requeue(t.user_attrs[CELL], settling=t, failed=True)
+            # As a worker does: re-queue first, so the cell is never without a queued or running attempt. A worker
+            # stopped by a signal recorded `interrupted` before stopping its job (a scheduler's SIGKILL may have
+            # come first): not the cell's failure.
+            stopped = (t.user_attrs.get(OUTCOME) or {}).get("state") == "interrupted"
+            self.requeue(t.user_attrs[CELL], settling=t, failed=not stopped)
             if not self.settle(t._trial_id, TrialState.FAIL):
                 continue  # settled meanwhile; a surplus queued attempt is dropped when popped
             log.warning("cell %s attempt %s: %s", t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), gone)
@@ -342,7 +381,7 @@ class Ledger:
         leave."""
         now = time.time()
         driver = self.attr(DRIVER) or {}
-        if self.attr(FEEDING) and now - driver.get("heartbeat", 0) < self.stale_after:
+        if self.attr(FEEDING) and driver and self.fresh("driver", driver.get("heartbeat")):
             return False
         return not any(t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and self.alive(t, now))
                        for t in self.trials((TrialState.WAITING, TrialState.RUNNING)))

@@ -14,8 +14,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from harness import contract, tracking
+from harness.redact import redact
 from harness.sweep.ledger import HOST, Ledger
-from harness.sweep.processes import pid_start
+from harness.sweep.processes import pid_alive, pid_start
 from harness.sweep.spec import Plan
 
 
@@ -40,12 +41,14 @@ def open_experiment(plan: Plan) -> tuple[MlflowClient, str]:
     return client, experiment_id
 
 
-def start_parent(client: MlflowClient, experiment_id: str, plan: Plan, options: dict[str, Any]) -> str:
+def start_parent(client: MlflowClient, experiment_id: str, plan: Plan, options: dict[str, Any],
+                 ledger_id: str | None = None) -> str:
     """One parent run per `sweep` invocation; jobs nest their runs under it with --parent-run-id."""
     tags = {contract.SWEEP: "true", contract.STUDY: plan.study, contract.SCALE: plan.scale,
             contract.HOST: HOST, contract.PID: str(os.getpid()),
             contract.PID_START: str(pid_start(os.getpid())),
-            "mlflow.note.content": plan.spec.description, **tracking.git_state()}
+            "mlflow.note.content": plan.spec.description, **tracking.git_state(),
+            **({contract.LEDGER: ledger_id} if ledger_id else {})}
     run = client.create_run(experiment_id,
                             run_name=f"sweep {plan.experiment} {time.strftime('%Y-%m-%d %H:%M')}", tags=tags)
     params = {"spec": str(plan.spec_path), "scale": plan.scale, "cells": str(len(plan.cells)),
@@ -53,7 +56,7 @@ def start_parent(client: MlflowClient, experiment_id: str, plan: Plan, options: 
               "axes": json.dumps(plan.axes)[:6000],
               "scale_description": plan.spec.scales[plan.base_scale].description, "stage": plan.stage,
               **{f"tuned.{o}.{k}": str(v) for o, knobs in plan.tuned.items() for k, v in knobs.items()},
-              **{k: str(v) for k, v in options.items()}}
+              **{k: redact(str(v)) for k, v in options.items()}}  # the ledger URL among them: no password
     for k, v in params.items():
         client.log_param(run.info.run_id, k, v)
     client.log_artifact(run.info.run_id, str(plan.spec_path))
@@ -78,19 +81,24 @@ def tidy(client: MlflowClient, experiment_id: str, ledger: Ledger) -> dict[str, 
     - A complete/diverged run of a cell whose counted attempt is another one: tagged
       harness.status=superseded, so that the analysis finds exactly one result per cell (only a worker cut off
       from the ledger, whose attempt was failed meanwhile, can leave one).
+    Only this ledger's runs (tag harness.ledger): the experiment may hold an earlier ledger's (its folder
+    wiped) or a second ledger's, whose cells and attempts this ledger knows nothing of; a parent run of
+    another ledger is closed only when its driver, on this machine, is gone.
     """
     live, counted = ledger.live_attempts(), ledger.completed_attempts()
+    ours = ledger.ledger_id
     done: dict[str, list[str]] = {"killed": [], "finished": [], "superseded": []}
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
                                   max_results=10000):
         tags = run.data.tags
         if tags.get(contract.SWEEP) == "true":
-            _close(client, run.info.run_id, "KILLED", None)
-            done["killed"].append(run.info.run_id)
+            if tags.get(contract.LEDGER) == ours or _driver_gone(tags):
+                _close(client, run.info.run_id, "KILLED", None)
+                done["killed"].append(run.info.run_id)
             continue
-        key = _attempt(tags)
+        key = _attempt(tags, ours)
         if key is None or key in live:
-            continue  # not a sweep's run (none of our business), or still running
+            continue  # not this ledger's run (none of our business), or still running
         if counted.get(key[0]) == key[1]:
             _close(client, run.info.run_id, "FINISHED", None)
             done["finished"].append(run.info.run_id)
@@ -101,7 +109,7 @@ def tidy(client: MlflowClient, experiment_id: str, ledger: Ledger) -> dict[str, 
     for status in contract.FINISHED:
         for run in client.search_runs([experiment_id], filter_string=f"tags.`{contract.STATUS}` = '{status}'",
                                       max_results=10000):
-            key = _attempt(run.data.tags)
+            key = _attempt(run.data.tags, ours)
             if key is not None and key[0] in counted and counted[key[0]] != key[1]:
                 client.set_tag(run.info.run_id, contract.STATUS, contract.SUPERSEDED)
                 client.set_tag(run.info.run_id, contract.SUPERSEDED_WHY,
@@ -110,10 +118,19 @@ def tidy(client: MlflowClient, experiment_id: str, ledger: Ledger) -> dict[str, 
     return done
 
 
-def _attempt(tags: dict[str, str]) -> tuple[str, int] | None:
-    """(cell, attempt) of a sweep's job run; None for a run no sweep made."""
+def _attempt(tags: dict[str, str], ledger_id: str | None) -> tuple[str, int] | None:
+    """(cell, attempt) of a job run of this ledger's; None for a run no sweep made, or another ledger's."""
     identity = contract.RunIdentity.from_tags(tags)
-    return None if identity is None else (identity.cell, identity.attempt)
+    if identity is None or identity.ledger != ledger_id:
+        return None
+    return identity.cell, identity.attempt
+
+
+def _driver_gone(tags: dict[str, str]) -> bool:
+    """Whether the driver of a parent run ran on this machine and is gone."""
+    start = tags.get(contract.PID_START)
+    return (tags.get(contract.HOST) == HOST and (tags.get(contract.PID) or "").isdigit()
+            and not pid_alive(int(tags[contract.PID]), None if start in (None, "None") else start))
 
 
 def _close(client: MlflowClient, run_id: str, status: str, status_tag: str | None) -> None:

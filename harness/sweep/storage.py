@@ -9,6 +9,9 @@ import optuna
 from optuna.storages import BaseStorage
 
 from harness.config import ConfigError
+from harness.redact import redact
+
+CONNECT_TIMEOUT_S = 5  # a PostgreSQL ledger that has not answered by then is down (or firewalled) for us
 
 
 def check_storage(url: str | None, default_path: Path) -> str:
@@ -17,21 +20,56 @@ def check_storage(url: str | None, default_path: Path) -> str:
     if url is None:
         return str(default_path)
     if url.startswith("sqlite"):
-        raise ConfigError(f"--storage {url}: SQLite storage hands one cell to several workers; use a journal "
-                          "file path (shared file system) or postgresql://...")
+        raise ConfigError(f"--storage {redact(url)}: SQLite storage hands one cell to several workers; use a "
+                          "journal file path (shared file system) or postgresql://...")
     if "://" in url and not url.split("://", 1)[0].startswith("postgresql"):
         # The one-driver claim is a PostgreSQL advisory lock (harness.sweep.claim); other databases have none.
-        raise ConfigError(f"--storage {url}: allowed: a journal file path or postgresql://...")
+        raise ConfigError(f"--storage {redact(url)}: allowed: a journal file path or postgresql://...")
+    if "://" in url:
+        check_reachable(url)
     return url
+
+
+def check_reachable(url: str, timeout_s: int = CONNECT_TIMEOUT_S) -> None:
+    """A PostgreSQL ledger that accepts a connection within seconds; else one line naming it (password hidden)
+    and why: down, refusing the password, no such database. Asked once, before anything is written, so a
+    server that is down is not a traceback from deep inside the sweep minutes later."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    where = f"--storage {redact(url)}"
+    try:
+        engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=NullPool,
+                                          connect_args={"connect_timeout": timeout_s})
+    except (ImportError, sqlalchemy.exc.ArgumentError) as e:
+        raise ConfigError(f"{where}: {redact(_first_line(e))}; needs a "
+                          "postgresql://user:password@host:port/db URL and psycopg2 (pip install -e "
+                          "'.[postgres]')") from None
+    try:
+        with engine.connect():
+            pass
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as e:
+        why = _first_line(getattr(e, "orig", None) or e)
+        raise ConfigError(f"{where}: cannot connect ({redact(why)}); start the server, or check the URL and "
+                          "the password") from None
+    finally:
+        engine.dispose()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def open_storage(url: str) -> BaseStorage:
     if "://" in url:
         return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs={"pool_pre_ping": True})
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.storages.journal import JournalStorage
+
+    from harness.sweep.journal import open_backend  # torn last line repaired, a lock without a grace period
 
     Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(url))
+    return JournalStorage(open_backend(url))
 
 
 def sqlalchemy_url(url: str) -> str:

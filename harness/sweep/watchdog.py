@@ -16,19 +16,28 @@ class Watchdog:
     def __init__(self, progress: Path, limit_s: float, stall_s: float, started: float | None = None):
         self.progress, self.limit_s, self.stall_s = progress, limit_s, stall_s
         self.started = time.time() if started is None else started
+        # Progress is a change of the file's mtime seen on this machine's monotonic clock: on a network file
+        # system the mtime is the server's clock, which need not agree with ours.
+        self.mtime: float | None = None
+        self.moved = time.monotonic() - (time.time() - self.started)
 
     def last_progress(self) -> float:
+        """Monotonic time of the last progress seen (the job's start before any)."""
         try:
-            return max(self.progress.stat().st_mtime, self.started)
+            mtime = self.progress.stat().st_mtime
         except OSError:
-            return self.started
+            return self.moved
+        if mtime != self.mtime:
+            self.mtime, self.moved = mtime, time.monotonic()
+        return self.moved
 
     def check(self, now: float | None = None) -> str | None:
-        """None while the job is within its limits; else why it is to be stopped (one line)."""
+        """None while the job is within its limits; else why it is to be stopped (one line). now: wall-clock
+        seconds, for the cell limit (tests pass it); the stall clock is monotonic."""
         now = time.time() if now is None else now
         if now - self.started > self.limit_s:
             return f"ran past the cell time limit of {_fmt(self.limit_s)}"
-        quiet = now - self.last_progress()
+        quiet = time.monotonic() + (now - time.time()) - self.last_progress()
         if quiet > self.stall_s:
             return f"no new metric for {_fmt(quiet)} (stall limit {_fmt(self.stall_s)})"
         return None

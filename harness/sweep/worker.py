@@ -8,9 +8,11 @@ wait, with heartbeat, watchdog and signals) and settle, whose decision is harnes
 attempt's own result decides, whatever the exit code (harness.sweep.adopt: its result file, else its MLflow
 run): complete/diverged -> COMPLETE; otherwise exit 2 (bad config) -> failed, not retried; a job past its cell
 time limit or silent past the stall limit (harness.sweep.watchdog) -> timeout; anything else -> failed; both
-re-queued up to the sweep's attempt limit. SIGINT, SIGTERM and SIGUSR2 (a scheduler's warning) stop the job
-gracefully and re-queue the cell without spending an attempt, as does a job that died of a tracking-server
-outage; while the server is down the worker takes no cell.
+re-queued up to the sweep's attempt limit. SIGINT and SIGTERM stop the job gracefully and re-queue the cell
+without spending an attempt (recorded before the job is stopped, so a scheduler's SIGKILL after its SIGTERM
+cannot turn it into a failure), as does a job that died of a tracking-server outage; while the server is down
+the worker takes no cell. SIGUSR2 (a scheduler's warning before the time limit) makes it take no new cell. A
+worker that is a SLURM job takes only cells expected to end before its time limit (harness.sweep.slurm).
 
 GPUs: a worker started with `gpus` (the driver's local workers, `harness worker --gpus`) pins its jobs to
 those devices with CUDA_VISIBLE_DEVICES; without, its jobs see what the worker sees (a SLURM allocation, say).
@@ -38,18 +40,22 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import contract
 from harness.launch import job_command, train_command
-from harness.sweep import adopt, outcome
+from harness.redact import redact, redact_output
+from harness.sweep import adopt, outcome, processes
 from harness.sweep.forkserver import Forkserver
 from harness.sweep.heartbeat import Heartbeat
-from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, TUNE, Ledger
-from harness.sweep.processes import die_with_parent, has_nvidia_devices, job_env, pid_start, signal_group
+from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, TUNE, Ledger, claimed_at
+from harness.sweep.processes import has_nvidia_devices, job_env, job_preexec, pid_start
+from harness.sweep.slurm import NEVER_FITS, NOTHING_FITS, margin_s, time_left_s
 from harness.sweep.storage import open_storage
 from harness.sweep.watchdog import Watchdog
 from harness.tracking import PROGRESS_ENV, code_state, tracking_uri, unreachable
 
 log = logging.getLogger("harness.sweep.worker")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GRACE_S = 30.0  # how long a job gets to mark its MLflow run KILLED after SIGTERM before it is SIGKILLed
+# How long a job gets to mark its MLflow run KILLED after SIGTERM before every process of it is SIGKILLed:
+# longer than a launcher's own wait for its ranks after forwarding SIGTERM (torchrun: 30 s).
+GRACE_S = 45.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +83,10 @@ class WorkerOptions:
 
 def run_worker(opts: WorkerOptions) -> int:
     """Entry point of `python -m harness worker`, of local workers and of submitit jobs."""
+    redact_output()  # a submitit job's log too: MLflow's client prints its URI, password included
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {opts.name} %(message)s", stream=sys.stdout)
     os.environ["HARNESS_RESULTS"] = opts.results  # the job's results root and default MLflow store follow it
+    processes.become_subreaper()  # a job's processes whose parent dies come here (processes.JobTree)
     return Worker(opts).run()
 
 
@@ -118,12 +126,18 @@ class Worker:
         self.opts = opts
         self.ledger = Ledger(open_storage(opts.storage), opts.study_name, create=False)
         self.stop = threading.Event()
+        self.ran = 0  # attempts this worker ran (a SLURM worker that ran none and finds nothing fitting says so)
+        self.draining = False  # SIGUSR2: finish the current job, take no new one
         self.forkserver = Forkserver(job_env(opts.gpus))
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR2:  # a scheduler's warning that the time limit nears: SIGTERM follows at it
+            log.info("got SIGUSR2: taking no new cell; the current job runs on until the time limit")
+            self.draining = True
+            return
         log.info("got %s: stopping after the current job is stopped", signal.Signals(signum).name)
         self.stop.set()
 
@@ -140,13 +154,22 @@ class Worker:
                 self.stop.wait(max(self.opts.poll_s, 2.0))
                 continue
             if waiting_for:
-                log.info("MLflow tracking server %s answers again", tracking_uri())
+                log.info("MLflow tracking server %s answers again", redact(tracking_uri()))
                 waiting_for = None
+            left = time_left_s()  # a SLURM job's time limit: take only cells that end before it
+            if self.draining:
+                return NOTHING_FITS if self.ledger.trials((TrialState.WAITING,)) else 0
             trial = self.ledger.pop(self.opts.name, lambda t: contract.attempt_log(
-                self.opts.sweep_dir, t.user_attrs[CELL], t.user_attrs[ATTEMPT]))
+                self.opts.sweep_dir, t.user_attrs[CELL], t.user_attrs[ATTEMPT]),
+                max_seconds=None if left is None else left - margin_s(left))
             if trial is not None:
                 self.run_attempt(trial)
+                self.ran += 1
                 continue
+            if left is not None and self.ledger.trials((TrialState.WAITING,)):
+                log.info("worker %s leaves: no queued cell is expected to end in the %.0fs its job has left",
+                         self.opts.name, left)
+                return NOTHING_FITS if self.ran else NEVER_FITS
             # Idle: take over attempts of dead workers, leave once nothing can come back to the queue.
             self.ledger.reap(self._find)
             if self.ledger.settled():
@@ -198,7 +221,8 @@ class Worker:
         """`harness train` (or `accelerate launch`) of the job's config, with the run's identity as tags."""
         tags = contract.RunIdentity(study=self.opts.study, scale=self.opts.scale, cell=job.cell,
                                     attempt=job.attempt, axes=job.trial.user_attrs[AXES],
-                                    gpus_per_job=job.per_job, deepspeed=job.deepspeed).to_tags()
+                                    gpus_per_job=job.per_job, deepspeed=job.deepspeed,
+                                    ledger=self.ledger.ledger_id).to_tags()
         tune = job.trial.user_attrs.get(TUNE)
         if tune:
             tags.update({contract.TUNE_STUDY: tune["study"], contract.TUNE_TRIAL: str(tune["trial"])})
@@ -229,7 +253,7 @@ class Worker:
             else:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=REPO_ROOT, env=env, start_new_session=True,
-                                        preexec_fn=die_with_parent())
+                                        preexec_fn=job_preexec())
         # A reaper that outlives this worker waits for this process to be gone before judging the attempt.
         try:
             self.ledger.storage.set_trial_user_attr(job.trial._trial_id, JOB,
@@ -241,7 +265,8 @@ class Worker:
     def _supervise(self, job: _Job, proc: Any, t0: float) -> _Ended:
         """Wait for the job, keeping the attempt's heartbeat; stop it (SIGTERM, then SIGKILL after GRACE_S)
         on a signal to this worker, when another process declares the attempt dead, or past the watchdog's
-        limits."""
+        limits. Stopping it stops every process of it, in its group or not (processes.JobTree)."""
+        tree = processes.JobTree(proc.pid)
         beat = Heartbeat(self.ledger, job.trial._trial_id, interval=min(30.0, self.ledger.stale_after / 4))
         beat.start()
         dog = Watchdog(job.progress, self.ledger.cell_timeout_s, self.ledger.stall_timeout_s, started=t0)
@@ -253,22 +278,30 @@ class Worker:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            tree.poll()
             if stopped_at is None:
                 timed_out = None if (self.stop.is_set() or beat.lost.is_set()) else dog.check()
                 if self.stop.is_set() or beat.lost.is_set() or timed_out:
                     if timed_out:
                         log.warning("cell %s attempt %d: %s; stopping its job", job.cell, job.attempt,
                                     timed_out)
+                    elif self.stop.is_set():  # a scheduler's SIGKILL may follow its SIGTERM before we settle
+                        self.ledger.note(job.trial._trial_id, {"state": outcome.INTERRUPTED,
+                                                               "error": "stopped by a signal to the worker"})
                     stopped_at = time.time()
-                    signal_group(proc, signal.SIGTERM)
+                    tree.terminate()
             elif time.time() - stopped_at > GRACE_S:
-                signal_group(proc, signal.SIGKILL)
+                tree.kill()
+        left = tree.clear(stopped_at, GRACE_S)  # a rank outside the job's group would hold its GPU on
+        if left:
+            log.warning("cell %s attempt %d: its job left %d process(es) behind (%s); stopped them", job.cell,
+                        job.attempt, len(left), " ".join(map(str, sorted(left))))
         beat.stop()
         return _Ended(rc, stopped_at is not None, timed_out, beat.lost.is_set(), round(time.time() - t0, 1))
 
     def _settle(self, job: _Job, ended: _Ended) -> None:
         """Decide what the attempt came to (harness.sweep.outcome) and record it."""
-        verdict, outage = self._verdict(job.cell, job.attempt)
+        verdict, outage = self._verdict(job.cell, job.attempt, claimed_at(job.trial))
         decided = outcome.decide(self._attempt_end(job, ended, verdict, outage))
         if decided.state in (outcome.SUPERSEDED, outcome.DECLARED_DEAD):
             log.warning("cell %s attempt %d was declared dead by another process; its job was stopped",
@@ -294,7 +327,7 @@ class Worker:
         end = outcome.AttemptEnd(attempt=job.attempt, verdict=verdict.kind, exit_code=ended.exit_code,
                                  status=verdict.result.get("status"), stopped=ended.stopped,
                                  timed_out=ended.timed_out, heartbeat_lost=ended.heartbeat_lost,
-                                 why=verdict.why)
+                                 why=redact(verdict.why))
         if verdict.kind != "none" or ended.heartbeat_lost:
             return end
         # Only a failure this worker records is explained: that may ask the tracking server, which takes
@@ -327,7 +360,7 @@ class Worker:
         settled = settled and self.ledger.settle(tid, TrialState.FAIL)
         if settled:
             adopt.close_run(verdict.run_id, self.opts.study_name, job.cell, job.attempt, decided.run_status,
-                            record["error"])
+                            record["error"], self.ledger.ledger_id, claimed_at(job.trial))
         return settled, record
 
     def _forks(self, per_job: int, cfg: dict[str, Any]) -> bool:
@@ -337,29 +370,32 @@ class Worker:
         return (self.opts.job_start == "fork" and per_job == 1 and on_cpu
                 and "HARNESS_TRAIN_CMD" not in os.environ and not (cfg.get("trl") or {}).get("use_vllm"))
 
-    def _verdict(self, cell: str, attempt: int) -> tuple[adopt.Verdict, str | None]:
+    def _verdict(self, cell: str, attempt: int, claimed: float | None) -> tuple[adopt.Verdict, str | None]:
         """What the attempt came to; while MLflow cannot be asked, wait for it (unless stopping).
         Also returns the outage seen meanwhile, if any (a job that failed in one is not at fault)."""
         outage = None
         while True:
-            verdict = adopt.find(self.opts.sweep_dir, self.opts.study_name, cell, attempt)
+            verdict = adopt.find(self.opts.sweep_dir, self.opts.study_name, cell, attempt,
+                                 self.ledger.ledger_id, claimed)
             if verdict.kind != "unknown" or self.stop.is_set():
                 return verdict, outage
             if outage is None:
-                outage = verdict.why
+                outage = redact(verdict.why)  # it may become the attempt's recorded error
                 log.warning("cell %s attempt %d: %s; waiting for it to tell whether the job finished", cell,
-                            attempt, verdict.why)
+                            attempt, outage)
             self.stop.wait(max(self.opts.poll_s, 2.0))
 
     def _find(self, t: FrozenTrial) -> adopt.Verdict:
         return adopt.find(self.opts.sweep_dir, self.opts.study_name, t.user_attrs[CELL],
-                          int(t.user_attrs[ATTEMPT]))
+                          int(t.user_attrs[ATTEMPT]), self.ledger.ledger_id, claimed_at(t))
 
 
 def _last_line(log_path: Path) -> str:
+    """The job log's last words, which become the attempt's recorded error (ledger, harness.error tag): any
+    URL in them without its password (a job that is not `harness train` writes its log unredacted)."""
     try:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        return lines[-1].strip() if lines else ""
+        return redact(lines[-1].strip()) if lines else ""
     except OSError:
         return ""
 
@@ -370,7 +406,7 @@ def _tracking_failure(last_line: str) -> str | None:
     down = unreachable()
     if down:
         return down
-    uri = tracking_uri()
+    uri = redact(tracking_uri())  # as the job wrote it: its log hides the password (harness.redact)
     if uri.startswith(("http://", "https://")) and uri.rstrip("/") in last_line:
         return f"MLflow tracking server {uri} failed the job's request: {last_line[:200]}"
     return None
