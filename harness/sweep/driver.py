@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -184,9 +185,14 @@ class _Sweep:
         _beat(self.ledger, self.parent)
 
     def supervise(self, workers: Launcher) -> bool:
-        """Start the workers and watch them until they have left; True when Ctrl-C or SIGTERM stopped them."""
-        interrupted = False
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        """Start the workers and watch them until they have left; True when Ctrl-C or SIGTERM stopped them.
+
+        The signals set a flag the loop checks rather than raising where they land: an exception in the middle
+        of a ledger write could leave the journal's lock held by this process, and stopping the workers and
+        settling the sweep need the ledger afterwards."""
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda signum, frame: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         title = f"{self.plan.experiment} ({self.opts.workers} workers)"
         if self.tuner is not None:
             self.view = SweepView(self.ledger, title, None, self.opts.workers, self.tuner.expected_jobs())
@@ -194,21 +200,21 @@ class _Sweep:
             self.view = SweepView(self.ledger, title, [c.hash for c in self.plan.cells], self.opts.workers)
         self.started = datetime.now()  # naive local time, as Optuna stamps attempts
         try:
-            if not self.ledger.settled():
+            if not self.ledger.settled() and not stop.is_set():
                 workers.start()
             with self.view:
-                self._watch(workers)
-        except KeyboardInterrupt:
-            interrupted = True
-            self.out.print("interrupted: stopping workers (their cells go back to the queue)...")
-            workers.stop()
+                self._watch(workers, stop)
+            if stop.is_set():
+                self.out.print("interrupted: stopping workers (their cells go back to the queue)...")
+                workers.stop()
         finally:
-            signal.signal(signal.SIGTERM, previous)
-        return interrupted
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return stop.is_set()
 
-    def _watch(self, workers: Launcher) -> None:
+    def _watch(self, workers: Launcher, stop: threading.Event) -> None:
         last_beat = last_tune = 0.0
-        while True:
+        while not stop.is_set():
             self.view.update()
             if time.time() - last_beat > 10:
                 self._check_in()
@@ -220,7 +226,7 @@ class _Sweep:
                 workers.replace_killed()
             if workers.finished() and (self.opts.workers > 0 or self.ledger.settled()):
                 break
-            time.sleep(0.5)
+            stop.wait(0.5)
         self.view.update()
 
     def _check_in(self) -> None:
@@ -338,7 +344,3 @@ def _finder(sweep_dir: Path, experiment: str, ledger: Any) -> Any:
 def _beat(ledger: Ledger, parent: str) -> None:
     ledger.set_attr(DRIVER, {"host": HOST, "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
                              "run_id": parent, "heartbeat": time.time()})
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")

@@ -108,7 +108,8 @@ class Tuner:
         trial count."""
         spec = self.tune.sampler
         seed = spec.kwargs().get("seed")
-        if seed is not None and spec.name in ("tpe", "random", "gp", "grid"):
+        # Not grid: its seed shuffles the order of the grid points, which trials index into.
+        if seed is not None and spec.name in ("tpe", "random", "gp"):
             spec = spec.model_copy(update={"seed": int(seed) + number})
         return build_sampler(spec, self.tune.knobs_of(objective))
 
