@@ -129,9 +129,12 @@ class Tuner:
         return lines
 
     def _queue(self, ledger: Ledger, study: optuna.Study, objective: str, number: int, trial_id: int,
-               params: dict[str, Any], cells: dict[str, Any]) -> list[Cell]:
+               params: dict[str, Any], cells: dict[str, Any], recorded: list[str] | None = None) -> list[Cell]:
+        """The trial's jobs, queued where the ledger lacks them; recorded: the cells the trial already names
+        (written once: this runs on every sync, and each write is a ledger append)."""
         jobs = self.jobs(objective, params, number)
-        study._storage.set_trial_user_attr(trial_id, CELLS, [c.hash for c in jobs])
+        if recorded != [c.hash for c in jobs]:
+            study._storage.set_trial_user_attr(trial_id, CELLS, [c.hash for c in jobs])
         for j, cell in enumerate(jobs):
             if cell.hash not in cells:
                 ledger.enqueue(cell.hash, cell.axes, cell.job_fields(), cell.cost, attempt=1, tune={
@@ -141,7 +144,8 @@ class Tuner:
 
     def _settle(self, ledger: Ledger, study: optuna.Study, objective: str, t: FrozenTrial,
                 cells: dict[str, Any], score: Any) -> int:
-        jobs = self._queue(ledger, study, objective, t.number, t._trial_id, t.params, cells)
+        jobs = self._queue(ledger, study, objective, t.number, t._trial_id, t.params, cells,
+                           t.user_attrs.get(CELLS))
         states = [cells[c.hash].state if c.hash in cells else "queued" for c in jobs]
         if not all(s in TERMINAL for s in states):
             return 0
