@@ -107,12 +107,13 @@ def every_cell_complete_once(ledger: Ledger, n: int) -> None:
 def test_scancel_of_a_worker_mid_job_is_an_interruption_and_the_worker_is_resubmitted(tmp_path, slurm):
     """scancel = SIGTERM to the worker and its job, then SIGKILL after KillWait (10 s): the job here ignores
     SIGTERM, so the kill ends both before the worker's 30 s grace; the attempt must already be recorded as
-    interrupted (no attempt spent), and the driver must submit a new worker, not end with work left."""
+    interrupted (no attempt spent), and the driver must submit a new worker, not end with work left. A job is
+    100 steps (40 s or more), so the victim cannot end within the KillWait it outlives by ignoring SIGTERM."""
     server = Server(tmp_path)
     server.start()
     try:
         spec = spec_file(tmp_path, cells=4, reference_s=[5.0, 0.0])
-        proc, env = start(tmp_path, slurm, server, spec, 40, "--workers", "2", "--timeout-min", "10",
+        proc, env = start(tmp_path, slurm, server, spec, 100, "--workers", "2", "--timeout-min", "10",
                           extra={"FAKE_IGNORE_TERM": "1"})  # every job ignores SIGTERM; one gets scancel
         log = tmp_path / "driver.log"
         try:
@@ -120,7 +121,8 @@ def test_scancel_of_a_worker_mid_job_is_an_interruption_and_the_worker_is_resubm
                               240, log)
             job = victim.user_attrs[OWNER]["slurm_job"]
             time.sleep(2)
-            subprocess.run(["scancel", job], check=True, env=env)
+            cancel = subprocess.run(["scancel", job], check=True, env=env, capture_output=True, text=True)
+            assert not cancel.stderr, cancel.stderr  # scancel exits 0 on an id it calls invalid
             assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
         finally:
             if proc.poll() is None:

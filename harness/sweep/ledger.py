@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import contract
 from harness.config import ConfigError
-from harness.sweep import cost
+from harness.sweep import cost, slurm
 from harness.sweep.adopt import Verdict
 from harness.sweep.processes import pid_alive, pid_start
 
@@ -224,7 +224,7 @@ class Ledger:
             tid = claimed._trial_id
             owner = {"worker": worker, "host": HOST, "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
                      "log": str(log_for(claimed)), "started": time.time(),
-                     **({"slurm_job": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {})}
+                     **({"slurm_job": slurm.job_id()} if slurm.job_id() else {})}
             self.storage.set_trial_user_attr(tid, OWNER, owner)
             self.storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
             # Two reapers settling one dead attempt at once can queue two successors. Of the claimed or

@@ -30,13 +30,21 @@ def parse_time_left(text: str) -> float | None:
     return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
-def time_left_s() -> float | None:
-    """Seconds this SLURM job has left before its time limit; None outside SLURM or without a limit."""
+def job_id() -> str | None:
+    """This process's SLURM job as squeue and scancel name it (`<array>_<task>` for an array task, whose bare
+    $SLURM_JOB_ID scancel refuses as invalid); None outside SLURM."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    ident = f"{array}_{task}" if array and task else job
+    return f"{array}_{task}" if array and task else job
+
+
+def time_left_s() -> float | None:
+    """Seconds this SLURM job has left before its time limit; None outside SLURM or without a limit."""
+    ident = job_id()
+    if not ident:
+        return None
     try:
         out = subprocess.run(["squeue", "-h", "-j", ident, "-o", "%L"], capture_output=True, text=True,
                              timeout=20).stdout
