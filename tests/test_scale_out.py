@@ -2,21 +2,14 @@
 stands for another machine (its own host name, results folder and process), with the ledger tests' kind of
 stand-in job (HARNESS_TRAIN_CMD) instead of training.
 
-Needs Debian's `postgresql` package (binaries under /usr/lib/postgresql/*/bin; .ci/run installs it) and
-psycopg2-binary (the `postgres` and `dev` extras); skipped with the reason otherwise. initdb refuses to run as
-root, so as root the server runs as the `postgres` user in a temporary folder it owns.
+The server: tests/pg_server.py (skipped with the reason where PostgreSQL or psycopg2 is missing).
 """
 from __future__ import annotations
 
-import glob
 import multiprocessing as mp
 import os
-import pwd
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.launch import free_port
 from harness.sweep.ledger import Ledger
 from harness.sweep.spec import load_spec, make_plan
 from harness.sweep.storage import open_storage
+from tests.pg_server import PgServer
 
 FAKE_JOB = r'''
 import json, os, sys, time
@@ -51,64 +44,15 @@ SPEC = {
 }
 
 
-def pg_bin() -> Path | None:
-    """The newest PostgreSQL server binaries Debian's packages installed, if any."""
-    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")
-             if (Path(p).parent / "pg_ctl").is_file()]
-    return max(found, key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0)) if found else None
-
-
-def _as(user: str | None) -> dict:
-    """subprocess arguments that run a command as `user` (None: as ourselves)."""
-    if user is None:
-        return {}
-    pw = pwd.getpwnam(user)
-    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [],
-            "env": {**os.environ, "HOME": pw.pw_dir, "USER": user, "LOGNAME": user}}
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL server on 127.0.0.1 with an empty database; yields its URL."""
-    bin_dir = pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
-                    "(apt-get install postgresql; .ci/run does)")
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[postgres]'")
-    user = None
-    if os.geteuid() == 0:  # initdb refuses root
-        try:
-            user = pwd.getpwnam("postgres").pw_name
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user for initdb to run as")
-    root = Path(tempfile.mkdtemp(prefix="harness-pg-"))  # not under tmp_path: pytest's folders are root-only
-    data, sock, log = root / "data", root / "sock", root / "server.log"
-    sock.mkdir()
-    if user is not None:
-        for p in (root, sock):
-            shutil.chown(p, user, user)
-    port = free_port()
-    started = False
+    server = PgServer("harness-pg-")
     try:
-        subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                        "--locale=C", "--no-sync"], check=True, capture_output=True, timeout=120, **_as(user))
-        start = subprocess.run(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-             "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-            capture_output=True, text=True, timeout=90, **_as(user))
-        started = start.returncode == 0
-        assert started, start.stdout + start.stderr + (log.read_text() if log.exists() else "")
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE harness")
-        conn.close()
-        yield f"postgresql://postgres@127.0.0.1:{port}/harness"
+        server.start("CREATE DATABASE harness")
+        yield f"postgresql://postgres@127.0.0.1:{server.port}/harness"
     finally:
-        if started:
-            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=60, **_as(user))
-        shutil.rmtree(root, ignore_errors=True)
+        server.close()
 
 
 def test_driver_and_a_worker_on_another_machine_share_a_postgresql_ledger(tmp_path, postgres):

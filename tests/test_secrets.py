@@ -15,7 +15,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_scale_out import _as, pg_bin
 from test_sweep_e2e import TINY
 from test_tracking_outage import Server
 
 from harness.launch import free_port
 from harness.redact import STORAGE_ENV, EnvSecret, redact
+from tests.pg_server import PgServer, as_user
 
 REPO = Path(__file__).resolve().parent.parent
 DB_PASSWORD = f"dbpw{uuid.uuid4().hex[:16]}"
@@ -168,51 +167,13 @@ def test_slurm_without_a_controller_is_refused(tmp_path, case):
 def ledger_server() -> Iterator[dict]:
     """PostgreSQL on 127.0.0.1 whose role `sweeper` logs in with a password (scram-sha-256 over TCP); the
     superuser only over the server's socket. Yields its URL and what pg_dump needs."""
-    bin_dir = pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
-                    "(apt-get install postgresql; .ci/run does)")
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[postgres]'")
-    user = None
-    if os.geteuid() == 0:  # initdb refuses root
-        try:
-            import pwd
-
-            user = pwd.getpwnam("postgres").pw_name
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user for initdb to run as")
-    root = Path(tempfile.mkdtemp(prefix="harness-pg-secret-"))
-    data, sock, log = root / "data", root / "sock", root / "server.log"
-    sock.mkdir()
-    if user is not None:
-        for p in (root, sock):
-            shutil.chown(p, user, user)
-    port = free_port()
-    started = False
+    server = PgServer("harness-pg-secret-", password=True)
     try:
-        subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
-                        "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"], check=True,
-                       capture_output=True, timeout=120, **_as(user))
-        start = subprocess.run(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-             "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-            capture_output=True, text=True, timeout=90, **_as(user))
-        started = start.returncode == 0
-        assert started, start.stdout + start.stderr + (log.read_text() if log.exists() else "")
-        conn = psycopg2.connect(host=str(sock), port=port, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE ROLE sweeper LOGIN PASSWORD '{DB_PASSWORD}'")
-            cur.execute("CREATE DATABASE harness OWNER sweeper")
-        conn.close()
-        url = f"postgresql://sweeper:{DB_PASSWORD}@127.0.0.1:{port}/harness"
-        dump = [str(bin_dir / "pg_dump"), "-h", str(sock), "-p", str(port), "-U", "postgres", "harness"]
-        yield {"url": url, "dump": dump, "user": user}
+        server.start(f"CREATE ROLE sweeper LOGIN PASSWORD '{DB_PASSWORD}'", "CREATE DATABASE harness OWNER sweeper")
+        yield {"url": f"postgresql://sweeper:{DB_PASSWORD}@127.0.0.1:{server.port}/harness",
+               "dump": server.dump("harness"), "user": server.user}
     finally:
-        if started:
-            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=60, **_as(user))
-        shutil.rmtree(root, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +256,7 @@ def _check_stores(results: Path, server: Server, ledger: dict) -> None:
                    + repr(storage.get_study_system_attrs(sid)))
         for t in storage.get_all_trials(sid):
             _no_secret(f"trial {t.number}", repr(t.user_attrs) + repr(t.system_attrs))
-    dump = subprocess.run(ledger["dump"], capture_output=True, timeout=120, **_as(ledger["user"]))
+    dump = subprocess.run(ledger["dump"], capture_output=True, timeout=120, **as_user(ledger["user"]))
     assert dump.returncode == 0 and b"harness.cell" in dump.stdout, dump.stderr
     _no_secret("pg_dump of the ledger", dump.stdout)
 

@@ -9,7 +9,8 @@ taken atomically and released by the operating system or the database when the d
 - journal file: a POSIX record lock (fcntl) on `<journal>.driver.lock` beside the journal, so on a shared file
   system (NFS) every machine that shares the journal sees the same lock;
 - PostgreSQL: a session advisory lock (`pg_try_advisory_lock`) on a connection the driver keeps open; TCP
-  keepalives let the server drop the lock of a machine that vanished.
+  keepalives let the server drop the lock of a machine that vanished, and a driver whose connection broke (a
+  database restart, a network outage) takes the lock again on a new one unless another driver has it.
 
 The ledger's `harness.driver` record remains, to say who holds the claim.
 """
@@ -17,11 +18,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from harness.sweep.ledger import HOST
+from harness.sweep.pg_ledger import LedgerUnavailable, connect_args, transient
 from harness.sweep.storage import sqlalchemy_url
 
 
@@ -34,6 +39,7 @@ class DriverClaim:
         self.url, self.study = storage_url, study
         self._file: Any = None
         self._conn: Any = None
+        self.session_name = f"harness-driver {uuid.uuid4().hex[:16]}"  # this driver's PostgreSQL sessions
 
     def take(self) -> DriverClaim:
         if "://" in self.url:
@@ -43,16 +49,32 @@ class DriverClaim:
         return self
 
     def held(self) -> bool:
-        """False when the claim was lost (the database connection holding the lock is gone)."""
-        if self._conn is None:
+        """False when another driver holds the claim now. A PostgreSQL claim whose connection broke (a database
+        restart, a network outage) is taken again on a new connection; pg_ledger.LedgerUnavailable while the
+        database cannot be reached (the caller asks again later)."""
+        if "://" not in self.url:
             return self._file is not None
         from sqlalchemy import text
 
         try:
-            self._conn.execute(text("SELECT 1"))
-            return True
+            if self._conn is not None:
+                self._conn.execute(text("SELECT 1"))
+                return True
         except Exception:
+            pass
+        self.release()
+        try:
+            self._take_pg(regain=True)
+            logging.getLogger(__name__).warning("driver claim of %s taken again on a new connection (the old one "
+                                                "broke)", self.study)
+            return True
+        except ClaimTaken:
             return False
+        except Exception as e:
+            if transient(e):
+                raise LedgerUnavailable("driver claim: the ledger's database cannot be reached "
+                                        f"({type(e).__name__})") from None
+            raise
 
     def release(self) -> None:
         if self._file is not None:
@@ -80,18 +102,32 @@ class DriverClaim:
         f.flush()
         self._file = f
 
-    def _take_pg(self) -> None:
+    def _take_pg(self, regain: bool = False) -> None:
+        """regain: after this driver's connection broke. Its old session may live on at the server, holding the
+        lock, until the server's keepalives notice (pg_ledger.CONNECT_ARGS); it is ended here, found by the
+        application name this driver gives its sessions, so only our own stale session is ever ended."""
         from sqlalchemy import create_engine, text
 
         url = sqlalchemy_url(self.url)
-        args = ({"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-                if url.startswith("postgresql+psycopg2") else {})
+        args = {**connect_args(url), "application_name": self.session_name} if "psycopg2" in url else {}
         conn = create_engine(url, connect_args=args, poolclass=_null_pool()).connect()
         conn.execution_options(isolation_level="AUTOCOMMIT")
-        if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_key(self.study)}).scalar():
-            conn.close()
-            raise ClaimTaken(f"the PostgreSQL advisory lock of {self.study!r} is held")
-        self._conn = conn
+        key = {"k": lock_key(self.study)}
+        tries = 20 if regain else 1
+        for i in range(tries):
+            if regain:
+                conn.execute(text(_END_OUR_STALE_SESSIONS), {"me": self.session_name})
+            if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), key).scalar():
+                self._conn = conn
+                return
+            if i + 1 < tries:
+                time.sleep(0.5)  # an ended session lets go of its lock as its process exits
+        conn.close()
+        raise ClaimTaken(f"the PostgreSQL advisory lock of {self.study!r} is held")
+
+
+_END_OUR_STALE_SESSIONS = """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE application_name = :me AND pid <> pg_backend_pid()"""
 
 
 def lock_key(study: str) -> int:

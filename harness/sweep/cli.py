@@ -197,6 +197,7 @@ def _tuned(args: argparse.Namespace, spec, scale: str) -> dict:
 
 def _run_stage(args: argparse.Namespace, plan) -> int:
     from harness.sweep.driver import SweepError, SweepOptions, run_sweep
+    from harness.sweep.pg_ledger import LedgerUnavailable
 
     if plan.stage != "grid":
         print(f"stage: {plan.stage} ({plan.experiment})", flush=True)
@@ -217,7 +218,7 @@ def _run_stage(args: argparse.Namespace, plan) -> int:
                         job_start=args.job_start)
     try:
         return run_sweep(plan, opts, _results(args))
-    except SweepError as e:
+    except (SweepError, LedgerUnavailable) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before workers started: nothing is running; the next start tidies MLflow

@@ -42,6 +42,7 @@ from harness.sweep.ledger import (
     Ledger,
     claimed_at,
 )
+from harness.sweep.pg_ledger import LedgerUnavailable
 from harness.sweep.processes import pid_start
 from harness.sweep.spec import Plan
 from harness.sweep.stages import tune_of
@@ -137,7 +138,8 @@ class _Sweep:
         """The sweep's folder and ledger, with the options every worker reads from it."""
         plan, opts = self.plan, self.opts
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = ledger = Ledger(open_storage(self.storage_url), plan.experiment, create=True,
+        # A short retry window: the watch loop rides out a longer outage itself, answering Ctrl-C meanwhile.
+        self.ledger = ledger = Ledger(open_storage(self.storage_url, retry_s=30), plan.experiment, create=True,
                                       scale=plan.ledger_scale())
         ledger.set_attr(MAX_ATTEMPTS, opts.max_attempts)
         ledger.set_attr(STALE_AFTER, opts.stale_after)
@@ -214,18 +216,27 @@ class _Sweep:
 
     def _watch(self, workers: Launcher, stop: threading.Event) -> None:
         last_beat = last_tune = 0.0
+        down: float | None = None  # since when the ledger's database has not answered
         while not stop.is_set():
-            self.view.update()
-            if time.time() - last_beat > 10:
-                self._check_in()
-                last_beat = time.time()
-            if self.tuner is not None and time.time() - last_tune > 2:
-                self._tune()
-                last_tune = time.time()
-            if not self.ledger.settled():
-                workers.replace_killed()
-            if workers.finished() and (self.opts.workers > 0 or self.ledger.settled()):
-                break
+            try:
+                self.view.update()
+                if time.time() - last_beat > 10:
+                    self._check_in()
+                    last_beat = time.time()
+                if self.tuner is not None and time.time() - last_tune > 2:
+                    self._tune()
+                    last_tune = time.time()
+                if not self.ledger.settled():
+                    workers.replace_killed()
+                if workers.finished() and (self.opts.workers > 0 or self.ledger.settled()):
+                    break
+                if down is not None:
+                    self.out.print(f"the ledger answers again after {time.time() - down:.0f} s")
+                    down = None
+            except LedgerUnavailable as e:  # workers and jobs ride it out too; nothing is settled meanwhile
+                if down is None:
+                    down = time.time()
+                    self.out.print(f"{redact(str(e))}; waiting for it (Ctrl-C stops the sweep)")
             stop.wait(0.5)
         self.view.update()
 

@@ -286,10 +286,12 @@ class Ledger:
         """Whether a heartbeat value written on another machine has changed within stale_after seconds of this
         process's own monotonic clock. Comparing the value with our wall clock would make a machine whose clock
         runs ahead declare every remote worker dead (and run their cells twice); a value first seen now counts
-        as fresh, so a restarted reaper waits stale_after before it judges."""
+        as fresh, so a restarted reaper waits stale_after before it judges. So does one that could not reach
+        the ledger meanwhile (pg_ledger: nor could the workers write their heartbeats)."""
         seen = self.__dict__.setdefault("_seen", {})  # key -> (heartbeat value, monotonic time it was first seen)
         now = time.monotonic()
-        if key not in seen or seen[key][0] != beat:
+        outage = getattr(self.storage, "last_failure", 0.0)
+        if key not in seen or seen[key][0] != beat or seen[key][1] < outage:
             seen[key] = (beat, now)
             return True
         return now - seen[key][1] < self.stale_after
@@ -334,7 +336,9 @@ class Ledger:
             # As a worker does: re-queue first, so the cell is never without a queued or running attempt. A worker
             # stopped by a signal recorded `interrupted` before stopping its job (a scheduler's SIGKILL may have
             # come first): not the cell's failure.
-            stopped = (t.user_attrs.get(OUTCOME) or {}).get("state") == "interrupted"
+            # One without an owner never started (its claimant died, or lost the answer to its claim, before
+            # recording itself): not a failure either.
+            stopped = (t.user_attrs.get(OUTCOME) or {}).get("state") == "interrupted" or OWNER not in t.user_attrs
             self.requeue(t.user_attrs[CELL], settling=t, failed=not stopped)
             if not self.settle(t._trial_id, TrialState.FAIL):
                 continue  # settled meanwhile; a surplus queued attempt is dropped when popped

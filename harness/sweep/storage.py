@@ -5,13 +5,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import optuna
 from optuna.storages import BaseStorage
 
 from harness.config import ConfigError
 from harness.redact import redact
-
-CONNECT_TIMEOUT_S = 5  # a PostgreSQL ledger that has not answered by then is down (or firewalled) for us
+from harness.sweep.pg_ledger import CONNECT_TIMEOUT_S, RetryingRDBStorage
 
 
 def check_storage(url: str | None, default_path: Path) -> str:
@@ -61,9 +59,10 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def open_storage(url: str) -> BaseStorage:
+def open_storage(url: str, retry_s: float | None = None) -> BaseStorage:
+    """retry_s: how long a PostgreSQL ledger's calls wait for an unreachable database (pg_ledger.RETRY_S)."""
     if "://" in url:
-        return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs={"pool_pre_ping": True})
+        return RetryingRDBStorage(sqlalchemy_url(url), *(() if retry_s is None else (retry_s,)))
     from optuna.storages.journal import JournalStorage
 
     from harness.sweep.journal import open_backend  # torn last line repaired, a lock without a grace period

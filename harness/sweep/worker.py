@@ -45,6 +45,7 @@ from harness.sweep import adopt, outcome, processes
 from harness.sweep.forkserver import Forkserver
 from harness.sweep.heartbeat import Heartbeat
 from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, TUNE, Ledger, claimed_at
+from harness.sweep.pg_ledger import LedgerUnavailable
 from harness.sweep.processes import has_nvidia_devices, job_env, job_preexec, pid_start
 from harness.sweep.slurm import NEVER_FITS, NOTHING_FITS, margin_s, time_left_s
 from harness.sweep.storage import open_storage
@@ -87,7 +88,11 @@ def run_worker(opts: WorkerOptions) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {opts.name} %(message)s", stream=sys.stdout)
     os.environ["HARNESS_RESULTS"] = opts.results  # the job's results root and default MLflow store follow it
     processes.become_subreaper()  # a job's processes whose parent dies come here (processes.JobTree)
-    return Worker(opts).run()
+    try:
+        return Worker(opts).run()
+    except LedgerUnavailable as e:  # its attempt, if any, is settled by a reaper; a launcher replaces the worker
+        log.error("worker %s leaves: %s", opts.name, e)
+        return 1
 
 
 @dataclasses.dataclass(frozen=True)
