@@ -336,11 +336,12 @@ class Ledger:
             # As a worker does: re-queue first, so the cell is never without a queued or running attempt. A worker
             # stopped by a signal recorded `interrupted` before stopping its job (a scheduler's SIGKILL may have
             # come first): not the cell's failure.
-            # One without an owner never started (its claimant died, or lost the answer to its claim, before
-            # recording itself): not a failure either.
-            stopped = (t.user_attrs.get(OUTCOME) or {}).get("state") == "interrupted" or OWNER not in t.user_attrs
+            # One without an owner never started (its claimant died, or lost the database's answer to its claim,
+            # before recording itself): not a failure either, now or when later attempts are counted.
+            never = None if OWNER in t.user_attrs else {"state": "interrupted", "error": "claimed, never started"}
+            stopped = never is not None or (t.user_attrs.get(OUTCOME) or {}).get("state") == "interrupted"
             self.requeue(t.user_attrs[CELL], settling=t, failed=not stopped)
-            if not self.settle(t._trial_id, TrialState.FAIL):
+            if not self.settle(t._trial_id, TrialState.FAIL, never):
                 continue  # settled meanwhile; a surplus queued attempt is dropped when popped
             log.warning("cell %s attempt %s: %s", t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), gone)
             reaped.append(t)

@@ -138,11 +138,10 @@ def _why(e: BaseException) -> str:
 
 
 def _retrying(name: str) -> Callable[..., Any]:
-    method = getattr(RDBStorage, name)
-
-    @functools.wraps(method)
+    @functools.wraps(getattr(RDBStorage, name))
     def call(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._retry(name, lambda: method(self, *args, **kwargs), args)
+        method = getattr(super(RetryingRDBStorage, self), name)  # looked up per call: tests wrap Optuna's
+        return self._retry(name, lambda: method(*args, **kwargs), args)
     return call
 
 
