@@ -18,11 +18,7 @@ is adopted as COMPLETE however its worker died, so a finished cell is never run 
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
-import signal
-import socket
 import time
 import uuid
 from collections import defaultdict
@@ -37,66 +33,44 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import contract
 from harness.config import ConfigError
-from harness.sweep import cost, slurm
+from harness.sweep import cost, reaper, slurm
 from harness.sweep.adopt import Verdict
+from harness.sweep.cell_status import CellStatus, attempt_state, cell_status
+from harness.sweep.ledger_attrs import (
+    ATTEMPT,
+    AXES,
+    CELL,
+    CELL_TIMEOUT,
+    CONFIG,
+    COST,
+    COUNTED_FAILURES,
+    DEEPSPEED,
+    DRIVER,
+    FEEDING,
+    GPUS_PER_JOB,
+    HEARTBEAT,
+    HOST,
+    LEDGER_ID,
+    MAX_ATTEMPTS,
+    OUTCOME,
+    OWNER,
+    REAPED,
+    RETRY_FROM,
+    SCALE,
+    STALE_AFTER,
+    STALL_TIMEOUT,
+    TUNE,
+)
+from harness.sweep.ledger_attrs import JOB as JOB
+from harness.sweep.ledger_attrs import PARENT_RUN as PARENT_RUN
 from harness.sweep.processes import pid_alive, pid_start
 
-CELL = "harness.cell"            # config hash; present on every trial the sweep enqueued
-AXES = "harness.axes"            # axis values of the cell (seed included)
-CONFIG = "harness.config"        # the job config, minus output_dir and experiment
-ATTEMPT = "harness.attempt"      # 1-based attempt number of this trial at its cell
-COST = "harness.cost"            # relative run time (spec.Cell.cost), for the queue's order and the ETA
-OWNER = "harness.owner"          # {worker, host, pid, pid_start, log, started}, by the claiming worker
-JOB = "harness.job"              # {pid, pid_start} of the job process (its own process group), once started
-HEARTBEAT = "harness.heartbeat"  # epoch seconds, refreshed by the running worker
-# {state, exit_code, duration_s, run_id, val_reward, error, retry}, from the worker
-OUTCOME = "harness.outcome"
-REAPED = "harness.reaped"        # why a reaper declared the attempt dead
-TUNE = "harness.tune"            # a tuning trial's job: {study, trial, job, jobs, pruner} (harness.sweep.tuning)
+# The view of a cell and of an attempt (cell_status), the ledger's attribute names (ledger_attrs) and
+# reaping (reaper) have modules of their own; their names are still imported from here (JOB and PARENT_RUN,
+# unused here, re-exported as such).
 
-# Study attrs, set by the driver, read by every worker.
-MAX_ATTEMPTS = "harness.max_attempts"
-RETRY_FROM = "harness.retry_from"      # failures of trials numbered below this do not count (--retry-failed)
-STALE_AFTER = "harness.stale_after"
-PARENT_RUN = "harness.parent_run_id"
-DRIVER = "harness.driver"              # {host, pid, pid_start, run_id, heartbeat} of the live driver
-GPUS_PER_JOB = "harness.gpus_per_job"  # the scale's gpus_per_job: how every worker launches a job
-DEEPSPEED = "harness.deepspeed"        # the scale's deepspeed setting (none, zero2)
-CELL_TIMEOUT = "harness.cell_timeout_s"    # wall-clock limit of one attempt (harness.sweep.watchdog)
-STALL_TIMEOUT = "harness.stall_timeout_s"  # longest time a job may go without storing a metric
-FEEDING = "harness.feeding"  # true while the driver will queue more (tuning): idle workers wait, not leave
-# {name, device, reference_s} of the sweep's scale (spec.Plan.ledger_scale), written by the driver
-SCALE = "harness.scale"
-# A new ledger's id (uuid4): its jobs' runs carry it (contract.LEDGER), so no other ledger adopts them
-LEDGER_ID = "harness.ledger_id"
 # A ledger without SCALE is read by the scale its study name ends in, with these reference costs (None: none).
 UNRECORDED_REFERENCE_S = {"proxy": cost.PROXY_REFERENCE_S, "proxy-full": cost.PROXY_REFERENCE_S}
-
-# Attempts owned by this host are judged by their PID, others by heartbeat: machines must have distinct names.
-# HARNESS_HOST overrides the host name where they do not (containers started from one image, say).
-HOST = os.environ.get("HARNESS_HOST") or socket.gethostname()
-# interrupted (Ctrl-C, scheduler preemption, tracking outage) and duplicate do not count
-COUNTED_FAILURES = ("failed", "died", "timeout")
-
-
-@dataclasses.dataclass
-class CellStatus:
-    """One cell as the ledger sees it: its latest attempt and what it came to."""
-
-    hash: str
-    axes: dict[str, Any]
-    state: str                 # queued, running, complete, diverged, failed, interrupted
-    attempt: int
-    attempts: int              # attempts that ran (or are running)
-    cost: float
-    duration_s: float | None = None
-    started: float | None = None
-    val_reward: float | None = None
-    run_id: str | None = None
-    error: str | None = None
-    log: str | None = None
-    worker: str | None = None
-    stale: bool = False
 
 
 def claimed_at(t: FrozenTrial) -> float | None:
@@ -297,67 +271,8 @@ class Ledger:
         return now - seen[key][1] < self.stale_after
 
     def reap(self, find: Callable[[FrozenTrial], Verdict] | None = None) -> list[FrozenTrial]:
-        """Settle the attempts whose worker is gone: adopt the ones whose job reached its result, fail the
-        others and re-queue their cells (within the attempt limit).
-
-        find(trial): what the attempt came to (harness.sweep.adopt.find for its cell and attempt); without it
-        every dead attempt is failed. An attempt whose answer is `unknown` (MLflow unreachable) is left for a
-        later reap: failing it could run a finished cell twice.
-        """
-        log = logging.getLogger(__name__)
-        reaped = []
-        now = time.time()
-        for t in self.trials((TrialState.RUNNING,)):
-            if self.alive(t, now):
-                continue
-            owner = t.user_attrs.get(OWNER) or {}
-            if self._job_lingers(t):
-                continue  # its job outlived the worker, just killed: judged at the next reap, once gone
-            verdict = find(t) if find is not None else Verdict("none")
-            if verdict.kind == "unknown":
-                log.warning("cell %s attempt %s: worker gone, outcome unknown for now (%s)",
-                            t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), verdict.why)
-                continue
-            gone = (f"worker {owner.get('worker', '?')} on {owner.get('host', '?')} "
-                    f"(pid {owner.get('pid', '?')}) is gone")
-            if verdict.kind == "result":
-                outcome = verdict.outcome(duration_s=round(now - owner.get("started", now), 1),
-                                          note=f"adopted: {gone} after its job finished")
-                if self.settle(t._trial_id, TrialState.COMPLETE, outcome, outcome["val_reward"]):
-                    verdict.publish()
-                    log.warning("cell %s attempt %s: %s; its job had finished (%s): adopted",
-                                t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), gone, outcome["state"])
-                    reaped.append(t)
-                continue
-            try:
-                self.storage.set_trial_user_attr(t._trial_id, REAPED, gone)
-            except UpdateFinishedTrialError:
-                continue  # its worker, or another reaper, settled it first
-            # As a worker does: re-queue first, so the cell is never without a queued or running attempt. A worker
-            # stopped by a signal recorded `interrupted` before stopping its job (a scheduler's SIGKILL may have
-            # come first): not the cell's failure.
-            # One without an owner never started (its claimant died, or lost the database's answer to its claim,
-            # before recording itself): not a failure either, now or when later attempts are counted.
-            never = None if OWNER in t.user_attrs else {"state": "interrupted", "error": "claimed, never started"}
-            stopped = never is not None or (t.user_attrs.get(OUTCOME) or {}).get("state") == "interrupted"
-            self.requeue(t.user_attrs[CELL], settling=t, failed=not stopped)
-            if not self.settle(t._trial_id, TrialState.FAIL, never):
-                continue  # settled meanwhile; a surplus queued attempt is dropped when popped
-            log.warning("cell %s attempt %s: %s", t.user_attrs[CELL], t.user_attrs.get(ATTEMPT), gone)
-            reaped.append(t)
-        return reaped
-
-    def _job_lingers(self, t: FrozenTrial) -> bool:
-        """Whether the job of a dead worker's attempt still runs here; if so it is killed now (its result, if
-        it writes one before it dies, must be seen by the reaper, so the reaper waits for it to be gone)."""
-        owner, job = t.user_attrs.get(OWNER) or {}, t.user_attrs.get(JOB) or {}
-        if owner.get("host") != HOST or "pid" not in job or not pid_alive(job["pid"], job.get("pid_start")):
-            return False
-        try:
-            os.killpg(job["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return True
+        """Settle the attempts whose worker is gone (harness.sweep.reaper.reap); the settled ones."""
+        return reaper.reap(self, find)
 
     def requeue(self, cell: str, settling: FrozenTrial | None = None, failed: bool = False) -> bool:
         """Queue the next attempt of a cell unless it is done, queued, running, or out of attempts.
@@ -413,44 +328,3 @@ def _contender(t: FrozenTrial) -> bool:
         return False
     outcome = t.user_attrs.get(OUTCOME)
     return outcome is None or outcome.get("state") in contract.FINISHED
-
-
-def attempt_state(t: FrozenTrial) -> str:
-    """What one attempt came to: queued, running, complete, diverged, failed, died, timeout, interrupted,
-    duplicate."""
-    outcome = t.user_attrs.get(OUTCOME) or {}
-    if t.state == TrialState.WAITING:
-        return "queued"
-    if t.state == TrialState.RUNNING:
-        return "running"
-    if t.state == TrialState.COMPLETE:
-        return outcome.get("state", "complete")
-    state = outcome.get("state")
-    # A FAIL trial with a success outcome lost a race with a reaper: the record counts it as died.
-    return "died" if state is None or state in contract.FINISHED else state
-
-
-def cell_status(cell: str, trials: list[FrozenTrial],
-                alive: Callable[[FrozenTrial, float], bool]) -> CellStatus:
-    real = [t for t in trials if attempt_state(t) != "duplicate"] or trials
-    done = [t for t in real if t.state == TrialState.COMPLETE]
-    running = [t for t in real if t.state == TrialState.RUNNING]
-    queued = [t for t in real if t.state == TrialState.WAITING]
-    t = done[0] if done else running[-1] if running else queued[-1] if queued else real[-1]
-    state = attempt_state(t)
-    state = "failed" if state in ("died", "timeout") else state  # why is in `error`
-    outcome, owner = t.user_attrs.get(OUTCOME) or {}, t.user_attrs.get(OWNER) or {}
-    failures = [x for x in real if x.state == TrialState.FAIL]
-    last = failures[-1].user_attrs if failures else {}
-    # A retried cell shows why its previous attempt failed until this attempt settles.
-    error = outcome.get("error") or t.user_attrs.get(REAPED)
-    if not error and not done:
-        error = (last.get(OUTCOME) or {}).get("error") or last.get(REAPED)
-    return CellStatus(
-        hash=cell, axes=t.user_attrs[AXES], state=state, attempt=int(t.user_attrs[ATTEMPT]),
-        attempts=sum(1 for x in real if x.state != TrialState.WAITING),
-        cost=float(t.user_attrs.get(COST, 1.0)), duration_s=outcome.get("duration_s"),
-        started=owner.get("started"), val_reward=outcome.get("val_reward"),
-        run_id=outcome.get("run_id"), error=error,
-        log=owner.get("log"), worker=owner.get("worker"),
-        stale=t.state == TrialState.RUNNING and not alive(t, time.time()))

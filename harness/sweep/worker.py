@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness import contract
 from harness.launch import job_command, train_command
 from harness.redact import redact, redact_output
-from harness.sweep import adopt, outcome, processes
+from harness.sweep import adopt, job_log, outcome, processes
 from harness.sweep.forkserver import Forkserver
 from harness.sweep.heartbeat import Heartbeat
 from harness.sweep.ledger import ATTEMPT, AXES, CELL, CONFIG, HOST, JOB, PARENT_RUN, TUNE, Ledger, claimed_at
@@ -337,9 +337,9 @@ class Worker:
             return end
         # Only a failure this worker records is explained: that may ask the tracking server, which takes
         # seconds when it is down.
-        last = _last_line(job.log)
+        last = job_log.last_line(job.log)
         return dataclasses.replace(end, status=adopt.read_result(job.result).get("status"), last_line=last,
-                                   tracking_error=outage or _tracking_failure(last))
+                                   tracking_error=outage or job_log.tracking_failure(last))
 
     def _adopt(self, job: _Job, verdict: adopt.Verdict, base: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """The attempt's result is the cell's: COMPLETE, published as the cell's result.json."""
@@ -393,25 +393,3 @@ class Worker:
     def _find(self, t: FrozenTrial) -> adopt.Verdict:
         return adopt.find(self.opts.sweep_dir, self.opts.study_name, t.user_attrs[CELL],
                           int(t.user_attrs[ATTEMPT]), self.ledger.ledger_id, claimed_at(t))
-
-
-def _last_line(log_path: Path) -> str:
-    """The job log's last words, which become the attempt's recorded error (ledger, harness.error tag): any
-    URL in them without its password (a job that is not `harness train` writes its log unredacted)."""
-    try:
-        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        return redact(lines[-1].strip()) if lines else ""
-    except OSError:
-        return ""
-
-
-def _tracking_failure(last_line: str) -> str | None:
-    """One line naming the tracking server, when the job died of it (the server is down now, or the job's last
-    words name it: MLflow's client says "API request to <server>/api/... failed")."""
-    down = unreachable()
-    if down:
-        return down
-    uri = redact(tracking_uri())  # as the job wrote it: its log hides the password (harness.redact)
-    if uri.startswith(("http://", "https://")) and uri.rstrip("/") in last_line:
-        return f"MLflow tracking server {uri} failed the job's request: {last_line[:200]}"
-    return None
