@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,11 @@ class PgServer:
         assert done.returncode == 0, done.stdout + done.stderr + (self.log.read_text() if self.log.exists() else "")
         self.running = action != "stop"
 
+    @property
+    def url(self) -> str:
+        """The database `harness` as the superuser over TCP (a trusting server: no password)."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/harness"
+
     def dump(self, db: str) -> list[str]:
         """The pg_dump command line for a database (as the superuser, over the socket)."""
         return [str(self.bin / "pg_dump"), "-h", str(self.sock), "-p", str(self.port), "-U", "postgres", db]
@@ -95,6 +102,16 @@ class PgServer:
         if self.running:
             self.pg_ctl("stop", mode="immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def database(prefix: str) -> Iterator[PgServer]:
+    """A trusting server with an empty database `harness` (PgServer.url), stopped and removed afterwards."""
+    pg = PgServer(prefix)
+    try:
+        yield pg.start("CREATE DATABASE harness")
+    finally:
+        pg.close()
 
 
 class Firewall:

@@ -24,7 +24,7 @@ from harness.sweep.ledger import OUTCOME, REAPED, Ledger
 from harness.sweep.pg_ledger import LedgerUnavailable, RetryingRDBStorage
 from harness.sweep.spec import load_spec, make_plan
 from harness.sweep.storage import open_storage, sqlalchemy_url
-from tests.pg_server import Firewall, PgServer
+from tests.pg_server import Firewall, database
 from tests.test_scale_out import FAKE_JOB, SPEC
 
 pytestmark = pytest.mark.slow
@@ -32,22 +32,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server():
-    pg = PgServer("harness-pg-outage-")
-    try:
-        yield pg.start("CREATE DATABASE harness")
-    finally:
-        pg.close()
-
-
-def _url(pg: PgServer) -> str:
-    return f"postgresql://postgres@127.0.0.1:{pg.port}/harness"
+    with database("harness-pg-outage-") as pg:
+        yield pg
 
 
 def test_a_half_open_ledger_connection_fails_in_seconds_not_minutes(server):
     """With the server cut off after a connection was made, a call on that connection must fail (and, with no
     retry window, raise LedgerUnavailable) within the connections' timeouts: without a TCP user timeout it
     would wait out TCP's retransmissions (about 15 minutes)."""
-    storage = RetryingRDBStorage(sqlalchemy_url(_url(server)), retry_s=0)
+    storage = RetryingRDBStorage(sqlalchemy_url(server.url), retry_s=0)
     storage.get_all_studies()  # a pooled connection, open
     outcome: list[BaseException | None] = []
 
@@ -72,7 +65,7 @@ def test_sweep_rides_out_a_restart_and_an_outage_of_its_ledger(tmp_path, server)
     no live attempt may be reaped (a reaper that could not read the ledger cannot judge heartbeats that could
     not be written), the driver must keep its claim (re-taken on a new connection), and every cell must end
     complete exactly once, at its first attempt."""
-    url = _url(server)
+    url = server.url
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"study": "outage", **SPEC, "axes": {"objective": ["grpo", "cfpo"]}}))
     cells = [c.hash for c in make_plan(*load_spec(str(spec)), "proxy").cells]

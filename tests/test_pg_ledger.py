@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from harness.sweep.ledger import OWNER, STALE_AFTER, Ledger, attempt_state
 from harness.sweep.pg_ledger import LedgerUnavailable, RetryingRDBStorage, transient
 from harness.sweep.storage import sqlalchemy_url
-from tests.pg_server import PgServer
+from tests.pg_server import database
 
 
 def _broken() -> sqlalchemy.exc.OperationalError:
@@ -36,12 +36,8 @@ def test_only_connection_errors_are_transient():
 
 @pytest.fixture(scope="module")
 def url():
-    pg = PgServer("harness-pg-retry-")
-    try:
-        pg.start("CREATE DATABASE harness")
-        yield f"postgresql://postgres@127.0.0.1:{pg.port}/harness"
-    finally:
-        pg.close()
+    with database("harness-pg-retry-") as pg:
+        yield pg.url
 
 
 def _ledger(url: str, name: str, cells: int = 1) -> Ledger:

@@ -20,7 +20,7 @@ import yaml
 from harness.sweep.ledger import Ledger
 from harness.sweep.spec import load_spec, make_plan
 from harness.sweep.storage import open_storage
-from tests.pg_server import PgServer
+from tests.pg_server import database
 
 FAKE_JOB = r'''
 import json, os, sys, time
@@ -47,12 +47,8 @@ SPEC = {
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL server on 127.0.0.1 with an empty database; yields its URL."""
-    server = PgServer("harness-pg-")
-    try:
-        server.start("CREATE DATABASE harness")
-        yield f"postgresql://postgres@127.0.0.1:{server.port}/harness"
-    finally:
-        server.close()
+    with database("harness-pg-") as pg:
+        yield pg.url
 
 
 def test_driver_and_a_worker_on_another_machine_share_a_postgresql_ledger(tmp_path, postgres):
