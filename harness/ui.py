@@ -130,7 +130,8 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def ledger_storage(name: str, scale: str, storage: str | None, results_dir: str | None) -> tuple[str, str]:
     """(storage url or journal path, study name) of an existing sweep, resolved as `python -m harness
     status`."""
-    from harness.sweep.spec import load_spec, pick_scale, scale_spec
+    from harness.sweep.scale_choice import pick_scale
+    from harness.sweep.spec import load_spec, scale_spec
     from harness.sweep.storage import check_storage
 
     if results_dir:

@@ -9,7 +9,8 @@ import yaml
 
 from harness.cli import main
 from harness.config import ConfigError, JobConfig, build_config, config_hash
-from harness.sweep.spec import load_spec, make_plan, pick_scale
+from harness.sweep.scale_choice import pick_scale
+from harness.sweep.spec import load_spec, make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -196,7 +197,7 @@ def test_other_scale_is_validated_too(tmp_path, monkeypatch, capsys):
     assert "scales.paper: cell" in capsys.readouterr().err and not results.exists()
     unregistered = _bad(TINY, **{"scales/paper/base/task": "no-such-task"})
     spec, path = load_spec(str(write_spec(tmp_path, unregistered)))
-    from harness.sweep.spec import check_other_scales
+    from harness.sweep.scale_choice import check_other_scales
 
     (warning,) = check_other_scales(spec, path, "proxy")
     assert "unknown task 'no-such-task'" in warning

@@ -76,7 +76,7 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="sweeps/NAME.yaml, or a path to a sweep spec")
-    # Any scale the sweep file defines: checked once the spec is loaded (harness.sweep.spec.pick_scale).
+    # Any scale the sweep file defines: checked once the spec is loaded (harness.sweep.scale_choice.pick_scale).
     p.add_argument("--scale", default="auto",
                    help="a scale of the sweep file (scales: NAME), or auto: the first of them whose device "
                         "is here (device: cuda needs a GPU)")
@@ -138,7 +138,8 @@ def _check_services(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from harness.sweep.spec import check_other_scales, load_spec, pick_scale
+    from harness.sweep.scale_choice import check_other_scales, pick_scale
+    from harness.sweep.spec import load_spec
     from harness.sweep.stages import pick_stage
 
     _check_options(args, writes=not args.dry_run)
@@ -228,7 +229,8 @@ def _run_stage(args: argparse.Namespace, plan) -> int:
 
 def _existing(args: argparse.Namespace) -> tuple[str, str, Path, str]:
     """(study, scale, results, storage) of a sweep that must already exist."""
-    from harness.sweep.spec import load_spec, pick_scale, scale_spec
+    from harness.sweep.scale_choice import pick_scale
+    from harness.sweep.spec import load_spec, scale_spec
     from harness.sweep.stages import pick_stage
     from harness.sweep.storage import check_storage
 
