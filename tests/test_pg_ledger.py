@@ -130,3 +130,10 @@ def test_a_failing_call_is_retried_with_backoff_until_the_window_ends(url, monke
         storage.get_best_trial(study._study_id)  # get_best_trial calls get_study_directions inside
     assert 1 < len(calls) < 10, calls  # retried with backoff (0.5 s, 1 s), as one call
     assert storage.last_failure > 0
+
+
+def test_the_storage_pickles_for_another_process(url):
+    import pickle
+
+    storage = pickle.loads(pickle.dumps(RetryingRDBStorage(sqlalchemy_url(url), retry_s=3)))
+    assert storage.retry_s == 3 and isinstance(storage.get_all_studies(), list)

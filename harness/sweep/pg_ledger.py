@@ -85,6 +85,15 @@ class RetryingRDBStorage(RDBStorage):
         self._retry("open", lambda: RDBStorage.__init__(
             self, url, engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args(url)}))
 
+    def __getstate__(self) -> dict[Any, Any]:  # a thread-local does not pickle (a storage sent to a process)
+        state = super().__getstate__()
+        del state["_depth"]
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._depth = threading.local()
+
     def _retry(self, name: str, call: Callable[[], Any], args: tuple[Any, ...] = ()) -> Any:
         depth = getattr(self._depth, "n", 0)
         if depth:
