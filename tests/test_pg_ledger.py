@@ -137,3 +137,15 @@ def test_the_storage_pickles_for_another_process(url):
 
     storage = pickle.loads(pickle.dumps(RetryingRDBStorage(sqlalchemy_url(url), retry_s=3)))
     assert storage.retry_s == 3 and isinstance(storage.get_all_studies(), list)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "nan"])
+def test_a_bad_retry_window_is_one_line_naming_the_variable(monkeypatch, value):
+    from harness.config import ConfigError
+    from harness.sweep.pg_ledger import retry_window
+
+    monkeypatch.setenv("HARNESS_LEDGER_RETRY_S", value)
+    with pytest.raises(ConfigError, match="HARNESS_LEDGER_RETRY_S.*allowed: seconds"):
+        retry_window()
+    monkeypatch.setenv("HARNESS_LEDGER_RETRY_S", "60")
+    assert retry_window() == 60.0

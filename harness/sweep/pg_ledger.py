@@ -28,11 +28,12 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from harness.config import ConfigError
 from harness.redact import redact
 
 log = logging.getLogger("harness.sweep.ledger")
 
-RETRY_S = float(os.environ.get("HARNESS_LEDGER_RETRY_S", 900))  # how long a ledger call waits for the database
+RETRY_S = 900.0  # how long a ledger call waits for the database, unless HARNESS_LEDGER_RETRY_S says otherwise
 CONNECT_TIMEOUT_S = 5  # a connection attempt that has not been answered by then has failed
 
 # libpq connection parameters (psycopg2). keepalives_*: the client notices a dead idle connection in ~25 s;
@@ -50,6 +51,20 @@ CONNECT_ARGS: dict[str, Any] = {
 
 class LedgerUnavailable(RuntimeError):
     """The ledger's database could not be reached for the whole retry window."""
+
+
+def retry_window() -> float:
+    """Seconds a ledger call waits for the database: $HARNESS_LEDGER_RETRY_S, else RETRY_S."""
+    text = os.environ.get("HARNESS_LEDGER_RETRY_S")
+    if text is None:
+        return RETRY_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"HARNESS_LEDGER_RETRY_S={text!r}: allowed: seconds, a number >= 0")
+    return seconds
 
 
 def connect_args(url: str) -> dict[str, Any]:
@@ -76,8 +91,8 @@ def transient(e: BaseException) -> bool:
 class RetryingRDBStorage(RDBStorage):
     """Optuna's RDBStorage whose calls ride out an unreachable database (module docstring)."""
 
-    def __init__(self, url: str, retry_s: float = RETRY_S):
-        self.url, self.retry_s = url, retry_s
+    def __init__(self, url: str, retry_s: float | None = None):
+        self.url, self.retry_s = url, retry_window() if retry_s is None else retry_s
         # Monotonic time this process last failed to reach the database: a heartbeat that did not change
         # across an outage is no sign of a dead worker (Ledger.fresh).
         self.last_failure = 0.0

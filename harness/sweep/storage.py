@@ -9,7 +9,7 @@ from optuna.storages import BaseStorage
 
 from harness.config import ConfigError
 from harness.redact import redact
-from harness.sweep.pg_ledger import CONNECT_TIMEOUT_S, RetryingRDBStorage
+from harness.sweep.pg_ledger import CONNECT_TIMEOUT_S, RetryingRDBStorage, retry_window
 
 
 def check_storage(url: str | None, default_path: Path) -> str:
@@ -35,6 +35,7 @@ def check_reachable(url: str, timeout_s: int = CONNECT_TIMEOUT_S) -> None:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
+    retry_window()  # the workers' setting: a bad one is refused now, not by each worker
     where = f"--storage {redact(url)}"
     try:
         engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=NullPool,
@@ -60,9 +61,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def open_storage(url: str, retry_s: float | None = None) -> BaseStorage:
-    """retry_s: how long a PostgreSQL ledger's calls wait for an unreachable database (pg_ledger.RETRY_S)."""
+    """retry_s: how long a PostgreSQL ledger's calls wait for an unreachable database (None: the
+    environment's, pg_ledger.retry_window)."""
     if "://" in url:
-        return RetryingRDBStorage(sqlalchemy_url(url), *(() if retry_s is None else (retry_s,)))
+        return RetryingRDBStorage(sqlalchemy_url(url), retry_s)
     from optuna.storages.journal import JournalStorage
 
     from harness.sweep.journal import open_backend  # torn last line repaired, a lock without a grace period
