@@ -123,9 +123,10 @@ class Firewall:
         self.port, self.table = port, f"harness_test_{port}"
         if shutil.which("nft") is None:
             pytest.skip("nft not found (apt-get install nftables; .ci/run does)")
-        probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30)
-        if probe.returncode != 0:
-            pytest.skip(f"nft cannot change the firewall here: {probe.stderr.strip()[:200]}")
+        for step in (["add", "table", "inet", self.table], ["delete", "table", "inet", self.table]):
+            probe = subprocess.run(["nft", *step], capture_output=True, text=True, timeout=30)
+            if probe.returncode != 0:  # no CAP_NET_ADMIN, or a kernel without nf_tables
+                pytest.skip(f"nft cannot change the firewall here: {probe.stderr.strip()[:200]}")
 
     def __enter__(self) -> Firewall:
         rules = (f"table inet {self.table} {{\n"
