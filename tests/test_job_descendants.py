@@ -57,7 +57,7 @@ tree = JobTree(proc.pid)
 print("started", flush=True)
 sys.stdin.readline()
 stopped = time.time()
-tree.terminate() if mode == "tree" else signal_group(proc, signal.SIGTERM)
+tree.terminate() if mode == "tree" else signal_group(proc.pid, signal.SIGTERM)
 while True:
     try:
         rc = proc.wait(timeout=0.5)
@@ -67,7 +67,7 @@ while True:
     if mode == "tree":
         tree.poll()
     if time.time() - stopped > grace:
-        tree.kill() if mode == "tree" else signal_group(proc, signal.SIGKILL)
+        tree.kill() if mode == "tree" else signal_group(proc.pid, signal.SIGKILL)
 left = tree.clear(stopped, grace) if mode == "tree" else {}
 state = lambda p: open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
 zombies = sorted(p for p in children(os.getpid()) if state(p) == "Z")

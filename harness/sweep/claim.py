@@ -109,7 +109,9 @@ class DriverClaim:
         from sqlalchemy import create_engine, text
 
         url = sqlalchemy_url(self.url)
-        args = {**connect_args(url), "application_name": self.session_name} if "psycopg2" in url else {}
+        args = connect_args(url)
+        if args:  # psycopg2: and a name for this driver's sessions
+            args["application_name"] = self.session_name
         conn = create_engine(url, connect_args=args, poolclass=_null_pool()).connect()
         conn.execution_options(isolation_level="AUTOCOMMIT")
         key = {"k": lock_key(self.study)}

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
 from harness.config import ConfigError
@@ -155,10 +155,14 @@ class RetryingRDBStorage(RDBStorage):
         return state.is_finished() and self.get_trial(trial_id).state == state
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first non-empty line (a driver's messages run to several), or its type's name."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _why(e: BaseException) -> str:
-    seen: BaseException = getattr(e, "orig", None) or e.__cause__ or e
-    lines = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
-    return redact(lines[0] if lines else type(seen).__name__)
+    return redact(first_line(getattr(e, "orig", None) or e.__cause__ or e))
 
 
 def _retrying(name: str) -> Callable[..., Any]:
@@ -169,11 +173,6 @@ def _retrying(name: str) -> Callable[..., Any]:
     return call
 
 
-for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
-              "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
-              "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_state_values",
-              "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-              "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
-              "get_n_trials", "get_trial_number_from_id", "get_trial_params"):
-    setattr(RetryingRDBStorage, _name, _retrying(_name))
+for _name in dir(BaseStorage):  # every call of Optuna's storage API
+    if not _name.startswith("_"):
+        setattr(RetryingRDBStorage, _name, _retrying(_name))

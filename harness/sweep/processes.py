@@ -15,7 +15,6 @@ import ctypes
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,12 +28,8 @@ KILL_WAIT_S = 10.0  # how long SIGKILLed processes get to vanish (one in uninter
 
 def pid_start(pid: int) -> str | None:
     """Start time of a process (Linux), so a recycled PID is not mistaken for the worker that owned a cell."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else fields[19]  # a zombie has exited
+    fields = _stat(pid)
+    return None if not fields or fields[0] == "Z" else fields[19]  # a zombie has exited
 
 
 def pid_alive(pid: int, start: str | None) -> bool:
@@ -102,13 +97,6 @@ def job_preexec() -> Callable[[], None]:
     return preexec
 
 
-def signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 def become_subreaper() -> bool:
     """Make this process (a worker) the child subreaper of its descendants (Linux): a process of a job whose
     parent exits is re-parented to this process rather than to init, so JobTree still finds it, and this
@@ -157,11 +145,11 @@ class JobTree:
         """SIGTERM to the job's process group: the job itself, or its launcher, which forwards it to its ranks
         and waits for them (torchrun: 30 s) before it kills them."""
         self.members()  # who is there, before anything exits
-        _signal_group(self.root, signal.SIGTERM)
+        signal_group(self.root, signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL to the job's process group and to every process of the job (while the root lives)."""
-        _signal_group(self.root, signal.SIGKILL)
+        signal_group(self.root, signal.SIGKILL)
         for pid, start in self.members().items():
             _signal(pid, start, signal.SIGKILL)
         self.reap()
@@ -288,7 +276,7 @@ def _signal(pid: int, start: str, sig: int) -> None:
         pass
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

@@ -9,7 +9,7 @@ from optuna.storages import BaseStorage
 
 from harness.config import ConfigError
 from harness.redact import redact
-from harness.sweep.pg_ledger import CONNECT_TIMEOUT_S, RetryingRDBStorage, retry_window
+from harness.sweep.pg_ledger import CONNECT_TIMEOUT_S, RetryingRDBStorage, first_line, retry_window
 
 
 def check_storage(url: str | None, default_path: Path) -> str:
@@ -41,23 +41,18 @@ def check_reachable(url: str, timeout_s: int = CONNECT_TIMEOUT_S) -> None:
         engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=NullPool,
                                           connect_args={"connect_timeout": timeout_s})
     except (ImportError, sqlalchemy.exc.ArgumentError) as e:
-        raise ConfigError(f"{where}: {redact(_first_line(e))}; needs a "
+        raise ConfigError(f"{where}: {redact(first_line(e))}; needs a "
                           "postgresql://user:password@host:port/db URL and psycopg2 (pip install -e "
                           "'.[postgres]')") from None
     try:
         with engine.connect():
             pass
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as e:
-        why = _first_line(getattr(e, "orig", None) or e)
+        why = first_line(getattr(e, "orig", None) or e)
         raise ConfigError(f"{where}: cannot connect ({redact(why)}); start the server, or check the URL and "
                           "the password") from None
     finally:
         engine.dispose()
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def open_storage(url: str, retry_s: float | None = None) -> BaseStorage:
